@@ -1,0 +1,1 @@
+"""Attention-side algorithms (capture, control, injection) over ComfyUI's attention hooks. No node classes."""

@@ -1,0 +1,9 @@
+"""Thin V3 nodes, one file per area. Each node validates, clones the model, installs patches, returns."""
+
+
+def node_list() -> list:
+    from . import analysis, editing, loaders
+    nodes = []
+    for module in (loaders, editing, analysis):
+        nodes.extend(module.NODES)
+    return nodes

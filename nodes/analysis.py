@@ -1,0 +1,112 @@
+"""Analysis nodes: cross-attention heat maps."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.maps import CrossAttentionMapStore, install_capture, select_levels
+from ..core import imaging
+from ..core.errors import EditKitInputError, require
+from ..core.introspect import attention_layout, require_architecture
+from ..core.tokens import split_words, token_positions
+
+AttentionMaps = io.Custom("EDITKIT_ATTENTION_MAPS")
+LEVELS = ["coarsest two", "coarsest", "all"]
+
+
+class AttentionMapsCapture(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitAttentionMaps",
+            display_name="Attention Maps (capture)",
+            category="EditKit/analysis",
+            description="Record the cross-attention maps of chosen prompt words while sampling (heads averaged, "
+                        "bounded memory). The sampled image is unchanged. Show them with 'Attention Maps (show)'.",
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL or similar)."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt, used to find each word's tokens."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The positive prompt exactly as given to CLIP Text Encode (convert it to an "
+                                        "input and share one text node to keep them equal)."),
+                io.String.Input("words", default="",
+                                tooltip="Comma-separated words or phrases of the prompt to map, e.g. 'cat, red hat'."),
+                io.Combo.Input("levels", options=LEVELS, default="coarsest two",
+                               tooltip="Which attention resolutions to average: the coarsest two levels "
+                                       "(16x16 and 8x8 for SD1.5 at 512 px, the usual choice), only the coarsest, or all."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Capture from this fraction of the sampling steps."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Capture up to this fraction of the sampling steps."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with capture installed; sample with it."),
+                AttentionMaps.Output("attention_maps", display_name="attention_maps", tooltip="The maps of the last sampling run of that model."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, words, levels, start_percent, end_percent) -> io.NodeOutput:
+        node = "EditKitAttentionMaps"
+        require_architecture(model, {"unet"}, node, what="attention-map capture")
+        word_list = split_words(words)
+        require(bool(word_list), node, "words", "no words given", "type one or more words of the prompt, comma-separated")
+        require(start_percent <= end_percent, node, "start_percent", "start_percent is after end_percent",
+                "make start_percent <= end_percent")
+        positions = token_positions(clip, prompt, word_list, node)
+        layout = attention_layout(model)
+        lv = select_levels(layout, levels)
+        if not lv:
+            raise EditKitInputError(node, "model", "this model has no cross-attention layers", "use a text-conditioned UNet")
+        store = CrossAttentionMapStore(positions, lv, start_percent, end_percent)
+        m = model.clone()
+        install_capture(m, store)
+        return io.NodeOutput(m, store)
+
+
+class AttentionMapsShow(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitShowAttentionMaps",
+            display_name="Attention Maps (show)",
+            category="EditKit/analysis",
+            description="Draw captured word maps as heat maps over the decoded image: one row per image, "
+                        "the image first and then one labelled panel per word.",
+            inputs=[
+                AttentionMaps.Input("attention_maps", tooltip="From 'Attention Maps (capture)'."),
+                io.Image.Input("image", tooltip="The decoded result of the sampling run that captured the maps "
+                                                "(this link also makes the maps wait for that run)."),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, tooltip="Heat map opacity over the image."),
+                io.Combo.Input("colormap", options=imaging.COLORMAPS, default="inferno", tooltip="Colour map of the heat maps."),
+            ],
+            outputs=[
+                io.Image.Output("heatmaps", display_name="heatmaps", tooltip="One grid row per image: the image and each word's heat map."),
+                io.Mask.Output("maps", display_name="maps", tooltip="The raw maps in [0, 1] at image size, word-major per image (batch x words)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, attention_maps, image, opacity, colormap) -> io.NodeOutput:
+        node = "EditKitShowAttentionMaps"
+        store: CrossAttentionMapStore = attention_maps
+        if not store.sums:
+            raise EditKitInputError(node, "attention_maps", "no maps were captured",
+                                    "sample with the MODEL output of 'Attention Maps (capture)' before this node")
+        maps = store.maps()
+        b_img, h, w = image.shape[0], image.shape[1], image.shape[2]
+        if maps.shape[0] != b_img:
+            raise EditKitInputError(node, "image", f"{b_img} images but the maps are for a batch of {maps.shape[0]}",
+                                    "connect the decoded output of the same sampling run")
+        full = imaging.resize_maps(maps, h, w)                       # (B, N, H, W)
+        rows = []
+        for i in range(b_img):
+            panels = [imaging.label(image[i, ..., :3].float().cpu(), "image")]
+            for j, word in enumerate(store.words):
+                heat = imaging.colorize(full[i, j], colormap)
+                panels.append(imaging.label(imaging.overlay(image[i].cpu(), heat, opacity), word))
+            rows.append(imaging.hstack(panels))
+        return io.NodeOutput(torch.stack(rows), full.reshape(-1, h, w).contiguous())
+
+
+NODES = [AttentionMapsCapture, AttentionMapsShow]

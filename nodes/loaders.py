@@ -1,0 +1,31 @@
+"""Loader nodes for the models EditKit builds in code (no download)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..builtin_models import tiny
+
+
+class TinyModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitTinyModelLoader",
+            display_name="Tiny Model Loader (built in code)",
+            category="EditKit/loaders",
+            description="A ~1M-parameter SD-style UNet, CLIP and VAE with random weights, built in code. For "
+                        "testing graphs and patches without a checkpoint: it runs everywhere, its images are noise.",
+            inputs=[
+                io.Combo.Input("parameterization", options=tiny.VARIANTS, default=tiny.EPS,
+                               tooltip="eps (SD1.5-like), v_prediction (SD2-like) or flow (SD3/Flux-like)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
+            ],
+            outputs=[io.Model.Output("model", display_name="model"), io.Clip.Output("clip", display_name="clip"), io.Vae.Output("vae", display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, parameterization, seed) -> io.NodeOutput:
+        return io.NodeOutput(tiny.tiny_unet(parameterization, seed), tiny.tiny_clip(seed + 2), tiny.tiny_vae(seed + 1))
+
+
+NODES = [TinyModelLoader]

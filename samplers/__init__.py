@@ -1,0 +1,1 @@
+"""Sampler-side algorithms (noising, inversion, custom sampling loops) as plain functions. No node classes."""
