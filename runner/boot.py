@@ -66,7 +66,7 @@ class _Existing:
 
 
 def boot(threads: int | None = None, sdpa: bool = True, base_dir: str | None = None, quiet: bool = True,
-         extra_nodes: bool = True):
+         extra_nodes: bool = True, load_pack: bool = True):
     """Import ComfyUI (CPU unless a GPU is present), init its nodes, load EditKit. Idempotent."""
     if "editkit" in _STATE:
         return _STATE["editkit"]
@@ -109,13 +109,23 @@ def boot(threads: int | None = None, sdpa: bool = True, base_dir: str | None = N
             asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         finally:
             root.setLevel(level)
+    if not load_pack:
+        _STATE.update(base_dir=base, nodes=nodes)
+        return None
+    return load(cdir)
+
+
+def load(cdir: str | None = None):
+    """Load EditKit through ComfyUI's custom-node loader (after boot(load_pack=False))."""
+    import nodes
+    cdir = cdir or comfy_dir()
     path = pack_link(cdir)
     if not asyncio.run(nodes.load_custom_node(path)):
         raise RuntimeError(f"ComfyUI failed to load EditKit from {path} (see the log above)")
     module = sys.modules[path.replace(".", "_x_")]
     _alias(module)
     sys.meta_path.insert(0, _AliasFinder(module.__name__))
-    _STATE.update(editkit=module, base_dir=base, nodes=nodes)
+    _STATE.update(editkit=module, nodes=nodes)
     return module
 
 

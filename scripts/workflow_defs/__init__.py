@@ -1,0 +1,1 @@
+"""One module per area; each defines WORKFLOWS = {file name: function returning the UI-format dict}."""

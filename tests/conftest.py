@@ -1,0 +1,115 @@
+"""Test harness: boots the real ComfyUI (CPU) once, loads EditKit through ComfyUI's loader, and
+provides tiny models built in code, full-size random-weight UNets and a workflow runner.
+
+Tests import the pack as `editkit` (an alias of the module ComfyUI loaded).
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("editkit_boot", os.path.join(ROOT, "runner", "boot.py"))
+boot = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(boot)
+sys.modules["editkit_boot"] = boot
+# One thread by default: two threads on a shared core slow small ops down by orders of magnitude.
+boot.boot(threads=int(os.environ.get("TORCH_THREADS", "1")))
+
+import torch  # noqa: E402
+
+from editkit.builtin_models import fullsize, tiny  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: full-size architectures or long runs (still part of `make test`)")
+    config.addinivalue_line("markers", "browser: needs chromium (skipped when missing)")
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    # ComfyUI runs every node under inference mode; tests do the same.
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes():
+    import nodes
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def tiny_eps():
+    return tiny.tiny_unet(tiny.EPS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_v():
+    return tiny.tiny_unet(tiny.V_PREDICTION, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow():
+    return tiny.tiny_unet(tiny.FLOW, seed=0)
+
+
+@pytest.fixture(scope="session", params=[tiny.EPS, tiny.V_PREDICTION, tiny.FLOW])
+def tiny_any(request):
+    return tiny.tiny_unet(request.param, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    return tiny.tiny_flux(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    return tiny.tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    return tiny.tiny_vae()
+
+
+@pytest.fixture(scope="session")
+def sd15_full():
+    return fullsize.sd15_unet()
+
+
+@pytest.fixture(scope="session")
+def sdxl_full():
+    m = fullsize.sdxl_unet()
+    yield m
+    del m
+
+
+@pytest.fixture
+def encode(tiny_clip):
+    def enc(text):
+        return tiny.encode(tiny_clip, text)
+    return enc
+
+
+@pytest.fixture(scope="session")
+def run_workflow():
+    """Run a workflow file or dict (UI or API format) through ComfyUI's PromptExecutor; returns a RunResult."""
+    import nodes
+    from editkit.runner import execute, workflow
+
+    def run(wf, overrides=None):
+        data = workflow.load(wf) if isinstance(wf, (str, os.PathLike)) else wf
+        prompt = workflow.to_api(data, nodes.NODE_CLASS_MAPPINGS)
+        for (node_id, name), value in (overrides or {}).items():
+            prompt[str(node_id)]["inputs"][name] = value
+        return execute.run_prompt(prompt)
+    return run
+
+
+@pytest.fixture(scope="session")
+def output_dir():
+    import folder_paths
+    return folder_paths.get_output_directory()

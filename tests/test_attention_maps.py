@@ -1,0 +1,122 @@
+"""Cross-attention map capture: no effect on the output, right shapes, real maps, bounded memory, clear errors."""
+import pytest
+import torch
+
+from editkit.attention.maps import attention_probs
+from editkit.core.introspect import attention_layout
+from editkit.nodes.analysis import AttentionMapsCapture, AttentionMapsShow
+from ek_helpers import node_out, sample_ksampler
+
+PROMPT = "a red circle and a blue square on a yellow background"
+
+
+def capture(model, clip, words="red, blue square", levels="all", prompt=PROMPT, start=0.0, end=1.0):
+    return node_out(AttentionMapsCapture.execute(model, clip, prompt, words, levels, start, end))
+
+
+def test_probs_equal_reference_softmax():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 10, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+    heads, d = 4, 8
+    ref = torch.einsum("bhqd,bhkd->bhqk", q.view(2, 10, heads, d).transpose(1, 2), k.view(2, 7, heads, d).transpose(1, 2))
+    ref = (ref * d ** -0.5).softmax(-1).mean(1)
+    got = attention_probs(q, k, heads, [1, 3, 6])
+    torch.testing.assert_close(got, ref[..., [1, 3, 6]])
+    torch.testing.assert_close(attention_probs(q, k, heads, list(range(7))).sum(-1), torch.ones(2, 10))
+
+
+def test_capture_is_bit_identical_and_maps_are_real(tiny_eps, tiny_clip, encode):
+    pos, neg = encode(PROMPT), encode("")
+    lat = torch.zeros(1, 4, 16, 16)
+    plain = sample_ksampler(tiny_eps, pos, neg, lat, steps=4)
+    m, store = capture(tiny_eps, tiny_clip)
+    out = sample_ksampler(m, pos, neg, lat, steps=4)
+    assert torch.equal(out, plain)
+    maps = store.maps()
+    assert maps.shape == (1, 2, 16, 16)                    # finest captured level = latent resolution
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert all(maps[0, j].std() > 0.05 for j in range(2))  # not uniform
+    assert not torch.allclose(maps[0, 0], maps[0, 1])      # different words, different maps
+    assert store.steps_seen == {0, 1, 2, 3}
+    assert set(store.sums) == {1, 2}
+    # one sum per selected site per step, cond branch only
+    sites = attention_layout(tiny_eps).sites
+    assert sum(store.counts.values()) == len(sites) * 4
+
+
+def test_memory_does_not_grow_with_steps(tiny_eps, tiny_clip, encode):
+    pos, neg = encode(PROMPT), encode("")
+    lat = torch.zeros(1, 4, 16, 16)
+    m, store = capture(tiny_eps, tiny_clip)
+    sample_ksampler(m, pos, neg, lat, steps=2)
+    small = store.nbytes
+    sample_ksampler(m, pos, neg, lat, steps=8)
+    assert store.nbytes == small and store.nbytes < 16 * 1024  # words x levels, not steps
+    assert store.steps_seen == set(range(8))  # the second run replaced the first (no accumulation)
+    assert store.runs == 2
+
+
+def test_levels_and_step_range(tiny_eps, tiny_clip, encode):
+    pos, neg = encode(PROMPT), encode("")
+    m, store = capture(tiny_eps, tiny_clip, levels="coarsest", start=0.5, end=1.0)
+    sample_ksampler(m, pos, neg, torch.zeros(1, 4, 16, 16), steps=4)
+    assert set(store.sums) == {2} and store.steps_seen == {2, 3}
+    assert store.maps().shape == (1, 2, 8, 8)
+
+
+def test_batch_and_show_node(tiny_eps, tiny_clip, tiny_vae, encode):
+    pos, neg = encode(PROMPT), encode("")
+    m, store = capture(tiny_eps, tiny_clip, words="circle, yellow background")
+    lat = sample_ksampler(m, pos, neg, torch.zeros(2, 4, 8, 8), steps=3)
+    maps = store.maps()
+    assert maps.shape[:2] == (2, 2) and not torch.allclose(maps[0], maps[1])
+    image = tiny_vae.decode(lat)
+    grid, raw = node_out(AttentionMapsShow.execute(store, image, 0.6, "inferno"))
+    h, w = image.shape[1:3]
+    assert grid.shape == (2, h, 3 * w + 2 * 4, 3)
+    assert raw.shape == (4, h, w)
+    assert 0 <= float(grid.min()) and float(grid.max()) <= 1
+
+
+def test_errors(tiny_eps, tiny_clip, tiny_flux, tiny_vae):
+    with pytest.raises(ValueError, match=r"input 'words'.*'green'.*not in the prompt"):
+        capture(tiny_eps, tiny_clip, words="red, green")
+    with pytest.raises(ValueError, match=r"input 'words'"):
+        capture(tiny_eps, tiny_clip, words=" , ")
+    with pytest.raises(ValueError, match=r"input 'model'"):
+        capture(tiny_flux, tiny_clip)
+    _, store = capture(tiny_eps, tiny_clip)
+    with pytest.raises(ValueError, match=r"EditKitShowAttentionMaps: input 'attention_maps'"):
+        AttentionMapsShow.execute(store, torch.zeros(1, 64, 64, 3), 0.5, "jet")
+
+
+def test_chains_with_another_attn2_patch(tiny_eps, tiny_clip, encode):
+    """Another pack's attn2 replace keeps working under capture (and capture still sees the layer)."""
+    from editkit.core.patches import default_attention
+    calls = []
+    other = tiny_eps.clone()
+    for s in attention_layout(tiny_eps).sites:
+        other.set_model_attn2_replace(lambda q, k, v, e: (calls.append(1), default_attention(q, k, v, e) * 0.5)[1],
+                                      s.block, s.number)
+    pos, neg = encode(PROMPT), encode("")
+    lat = torch.zeros(1, 4, 8, 8)
+    theirs = sample_ksampler(other, pos, neg, lat, steps=2)
+    m, store = capture(other, tiny_clip)
+    both = sample_ksampler(m, pos, neg, lat, steps=2)
+    assert calls and torch.equal(both, theirs) and store.sums
+
+
+@pytest.mark.slow
+def test_sd15_full_capture_attaches_to_expected_layers(sd15_full):
+    from editkit.builtin_models.fullsize import sd15_conditioning
+    import editkit.attention.maps as maps_mod
+
+    store = maps_mod.CrossAttentionMapStore({"w": [1, 2]}, frozenset({1, 2, 4, 8}))
+    m = sd15_full.clone()
+    sites = maps_mod.install_capture(m, store)
+    assert sorted({(s.block, s.number) for s in sites}) == sorted(
+        [("input", i) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0)] + [("output", i) for i in range(3, 12)])
+    plain = sample_ksampler(sd15_full, sd15_conditioning(), sd15_conditioning(seed=1), torch.zeros(1, 4, 32, 32), steps=1, cfg=1.0)
+    out = sample_ksampler(m, sd15_conditioning(), sd15_conditioning(seed=1), torch.zeros(1, 4, 32, 32), steps=1, cfg=1.0)
+    assert torch.equal(out, plain)
+    assert sum(store.counts.values()) == 16 and store.maps().shape == (1, 1, 32, 32)
