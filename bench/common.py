@@ -1,0 +1,59 @@
+"""Benchmark helpers: boot ComfyUI + EditKit once, cached full-size models, interleaved timing.
+
+Times are reported as ratios against a baseline measured in the same run (interleaved, median of
+repeats), never as absolute numbers to compare across machines.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def boot(load_pack=True):
+    if "editkit_boot" in sys.modules:
+        b = sys.modules["editkit_boot"]
+    else:
+        spec = importlib.util.spec_from_file_location("editkit_boot", os.path.join(ROOT, "runner", "boot.py"))
+        b = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(b)
+        sys.modules["editkit_boot"] = b
+    b.boot(threads=int(os.environ.get("TORCH_THREADS", "1")), load_pack=load_pack)
+    return b
+
+
+@functools.lru_cache(maxsize=None)
+def sd15():
+    from editkit.builtin_models.fullsize import sd15_unet
+    return sd15_unet()
+
+
+def interleaved(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
+    """Median wall time of each callable, run in interleaved rounds so drift hits all equally."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print(f"\n## {title}")
+    print("| " + " | ".join(c.ljust(widths[c]) for c in cols) + " |")
+    print("|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + " |")
