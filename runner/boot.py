@@ -66,7 +66,7 @@ class _Existing:
 
 
 def boot(threads: int | None = None, sdpa: bool = True, base_dir: str | None = None, quiet: bool = True,
-         extra_nodes: bool = True, load_pack: bool = True):
+         extra_nodes: bool = True, load_pack: bool = True, assets: bool = True):
     """Import ComfyUI (CPU unless a GPU is present), init its nodes, load EditKit. Idempotent."""
     if "editkit" in _STATE:
         return _STATE["editkit"]
@@ -109,8 +109,8 @@ def boot(threads: int | None = None, sdpa: bool = True, base_dir: str | None = N
             asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         finally:
             root.setLevel(level)
+    _STATE.update(base_dir=base, nodes=nodes, assets=assets)
     if not load_pack:
-        _STATE.update(base_dir=base, nodes=nodes)
         return None
     return load(cdir)
 
@@ -126,6 +126,10 @@ def load(cdir: str | None = None):
     _alias(module)
     sys.meta_path.insert(0, _AliasFinder(module.__name__))
     _STATE.update(editkit=module, nodes=nodes)
+    if _STATE.get("assets", True):
+        # Model files the shipped workflows name (random weights, see runner/assets.py).
+        from editkit.runner import assets
+        assets.prepare(os.path.join(_STATE["base_dir"], "models"))
     return module
 
 
