@@ -43,9 +43,24 @@ class InputDef:
         return n
 
 
+def input_spec(class_type: str, node_defs: dict) -> dict:
+    """{"required": {...}, "optional": {...}} of a node type, from node classes (in-process) or /object_info entries."""
+    entry = node_defs[class_type]
+    if isinstance(entry, dict):  # an /object_info entry (server mode)
+        return entry.get("input") or {}
+    return entry.INPUT_TYPES()
+
+
+def output_types(class_type: str, node_defs: dict) -> list[str]:
+    entry = node_defs[class_type]
+    if isinstance(entry, dict):
+        return [t if isinstance(t, str) else "COMBO" for t in entry.get("output") or []]
+    return [t if isinstance(t, str) else "COMBO" for t in entry.RETURN_TYPES]
+
+
 def node_inputs(class_type: str, node_classes: dict) -> list[InputDef]:
-    cls = node_classes[class_type]
-    spec = cls.INPUT_TYPES()
+    """Inputs of a node type in definition order; node_classes maps type -> class, or is /object_info."""
+    spec = input_spec(class_type, node_classes)
     out = []
     for section in ("required", "optional"):
         for name, value in (spec.get(section) or {}).items():
@@ -110,7 +125,7 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
             links[link[0]] = (link[1], link[2], link[3], link[4], link[5] if len(link) > 5 else None)
 
     unknown = [(n["id"], n["type"]) for n in nodes.values()
-               if n["type"] not in VIRTUAL and n["type"] not in node_classes and n.get("mode", 0) != MODE_NEVER]
+               if n["type"] not in VIRTUAL and n["type"] not in node_classes and n.get("mode", 0) not in (MODE_NEVER, MODE_BYPASS)]
     if unknown:
         names = ", ".join(f"{t} (node {i})" for i, t in unknown)
         raise WorkflowError(f"unknown node types: {names} — install the pack that provides them")
