@@ -2,8 +2,8 @@
 
 
 def node_list() -> list:
-    from . import analysis, editing, loaders
+    from . import adapters, analysis, editing, guidance, loaders
     nodes = []
-    for module in (loaders, editing, analysis):
+    for module in (loaders, editing, analysis, guidance, adapters):
         nodes.extend(module.NODES)
     return nodes
