@@ -72,7 +72,7 @@ class WorkflowBuilder:
                             default = opts[0] if opts else None
                         n.widgets[d.name] = default
                     widgets_values.append(n.widgets.get(d.name))
-                    if d.options.get("control_after_generate"):
+                    if d.has_control:
                         widgets_values.append("fixed")
                     if d.options.get("image_upload"):
                         widgets_values.append("image")

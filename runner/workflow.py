@@ -33,10 +33,19 @@ class InputDef:
         return self.type in WIDGET_TYPES
 
     @property
+    def has_control(self) -> bool:
+        """The front end adds a 'control after generate' widget: INT inputs with control_after_generate,
+        or (unless it is explicitly false) INT inputs named seed / noise_seed; COMBOs when asked to."""
+        flag = self.options.get("control_after_generate")
+        if self.type == "INT" and flag is None:
+            return self.name in ("seed", "noise_seed")
+        return bool(flag)
+
+    @property
     def extra_values(self) -> int:
         """Values the front end serializes after this widget's own (seed control, upload button)."""
         n = 0
-        if self.options.get("control_after_generate"):
+        if self.has_control:
             n += 1
         if self.options.get("image_upload") or self.options.get("video_upload") or self.options.get("audio_upload"):
             n += 1
@@ -93,6 +102,16 @@ def load(path: str):
     return data
 
 
+def _expand_zip(defs: list[InputDef], values: list):
+    """(def, value) pairs, a widget's control value paired with the same def."""
+    i = 0
+    for d in defs:
+        for _ in range(2 if d.has_control else 1):
+            if i < len(values):
+                yield d, values[i]
+            i += 1
+
+
 def _assign_widgets(node: dict, defs: list[InputDef]) -> dict:
     values = node.get("widgets_values")
     widgets = [d for d in defs if d.is_widget]
@@ -100,6 +119,11 @@ def _assign_widgets(node: dict, defs: list[InputDef]) -> dict:
         return {}
     if isinstance(values, dict):
         return {d.name: values[d.name] for d in widgets if d.name in values}
+    # Files saved before forceInput inputs lost their widget still carry a value for them (the
+    # front end's migrateWidgetsValues drops those values when the count says so).
+    legacy = [d for d in defs if d.is_widget or (d.options.get("forceInput") and d.type in WIDGET_TYPES)]
+    if len(legacy) > len(widgets) and len(values) == sum(2 if d.has_control else 1 for d in legacy):
+        values = [v for d, v in _expand_zip(legacy, values) if d.is_widget]
     with_extras = sum(1 + d.extra_values for d in widgets)
     out, i = {}, 0
     use_extras = len(values) >= with_extras or len(values) > len(widgets)
