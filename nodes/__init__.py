@@ -2,8 +2,8 @@
 
 
 def node_list() -> list:
-    from . import adapters, analysis, editing, guidance, loaders
+    from . import adapters, analysis, editing, guidance, inversion, loaders, toy
     nodes = []
-    for module in (loaders, editing, analysis, guidance, adapters):
+    for module in (loaders, editing, analysis, guidance, adapters, toy, inversion):
         nodes.extend(module.NODES)
     return nodes

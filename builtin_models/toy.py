@@ -1,0 +1,202 @@
+"""The toy text-to-image model: trained on the toy world (EditKit's `toyworld`), shipped in models/toy/.
+
+Every part is a ComfyUI-native architecture, so core nodes and every EditKit patch treat it as
+they treat an SD1.5 checkpoint:
+  * UNet: ComfyUI's `UNetModel` (SD-style, EPS, the SD1 discrete noise schedule) with self- and
+    cross-attention at the 16x16 and 8x8 levels and in the middle block;
+  * text encoder: ComfyUI's SD1 CLIP text model (small) with the bundled SD1 tokenizer, so prompts
+    are tokenised exactly as for SD1.5;
+  * VAE: a small AutoencoderKL (8x downscale, 4 latent channels) loaded by `comfy.sd.VAE` with an
+    explicit config; 128x128 images <-> 16x16 latents.
+
+The single weights file carries its configs and the latent statistics (scale and per-channel shift)
+in its safetensors metadata; `ToyLatentFormat` declares them, so latents seen by the UNet have
+roughly zero mean and unit variance. The functions with `seed` build untrained models (for
+training); `load_toy()` loads the shipped weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from .tiny import _patcher, init_weights
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PATH = os.path.join(PACK_DIR, "models", "toy", "toy.safetensors")
+FORMAT_VERSION = 1
+METADATA_KEY = "editkit_toy"
+
+CONTEXT_DIM = 64
+UNET_CONFIG = dict(image_size=16, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1, 1],
+                   channel_mult=[1, 2, 2], transformer_depth=[1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 0, 0],
+                   transformer_depth_middle=1, context_dim=CONTEXT_DIM, num_heads=4, num_head_channels=-1,
+                   use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+                   use_checkpoint=False, use_temporal_attention=False, use_temporal_resblock=False)
+CLIP_CONFIG = {"hidden_size": CONTEXT_DIM, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4,
+               "projection_dim": CONTEXT_DIM}
+VAE_CONFIG = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 128, "in_channels": 3,
+                                           "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1,
+                                           "attn_resolutions": [], "dropout": 0.0}}
+
+
+def _latent_format_class(scale: float, shift, rgb_factors=None, rgb_bias=None):
+    import comfy.latent_formats
+
+    class ToyLatentFormat(comfy.latent_formats.LatentFormat):
+        """VAE latent -> UNet space: (z - shift) * scale, per channel (like SD3's format, with a per-channel shift)."""
+        scale_factor = float(scale)
+        shift_factor = [float(s) for s in shift]
+        latent_channels = 4
+        latent_rgb_factors = rgb_factors
+        latent_rgb_factors_bias = rgb_bias
+
+        def _shift(self, latent):
+            return torch.tensor(self.shift_factor, dtype=latent.dtype, device=latent.device).view(1, -1, 1, 1)
+
+        def process_in(self, latent):
+            return (latent - self._shift(latent)) * self.scale_factor
+
+        def process_out(self, latent):
+            return latent / self.scale_factor + self._shift(latent)
+
+    return ToyLatentFormat
+
+
+def _config_class(latent_format):
+    import comfy.model_base
+    import comfy.supported_models_base as smb
+
+    class ToySD(smb.BASE):
+        unet_config = {"context_dim": CONTEXT_DIM, "model_channels": 64}   # only used by matches(): never auto-detected
+        unet_extra_config = {"num_heads": 4, "num_head_channels": -1}
+        memory_usage_factor = 1.0
+        supported_inference_dtypes = [torch.float32, torch.bfloat16, torch.float16]
+
+        def model_type(self, state_dict, prefix=""):
+            return comfy.model_base.ModelType.EPS
+
+    ToySD.latent_format = latent_format
+    return ToySD
+
+
+def build_unet(latent_stats: dict | None = None, seed: int = 0, dtype=torch.float32, config: dict | None = None):
+    """The toy UNet as a ModelPatcher with seeded initial weights (std 0.02, zeroed output convs)."""
+    stats = latent_stats or {"scale": 1.0, "shift": [0.0] * 4}
+    fmt = _latent_format_class(stats["scale"], stats["shift"], stats.get("rgb_factors"), stats.get("rgb_bias"))
+    cfg = _config_class(fmt)(dict(config or UNET_CONFIG))
+    cfg.set_inference_dtype(dtype, None)
+    base = cfg.get_model({})
+    init_weights(base.diffusion_model, seed)
+    return _patcher(base)
+
+
+def build_clip(seed: int = 2, dtype=None, config: dict | None = None):
+    """The toy CLIP text encoder (SD1 architecture and tokenizer, small), seeded initial weights."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base as smb
+    target = smb.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    opts = {"clip_l_model_config": dict(config or CLIP_CONFIG)}
+    if dtype is not None:
+        opts["dtype"] = dtype
+    clip = comfy.sd.CLIP(target, model_options=opts)
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_vae(sd: dict | None = None, seed: int = 1, config: dict | None = None, dtype=None):
+    """The toy AutoencoderKL through comfy.sd.VAE with an explicit config; seeded weights when sd is None."""
+    import comfy.sd
+    root = logging.getLogger()
+    level = root.level
+    if not sd:
+        root.setLevel(logging.ERROR)  # an empty state dict makes ComfyUI list every key as missing
+    try:
+        vae = comfy.sd.VAE(sd=dict(sd or {}), config={"params": json.loads(json.dumps(config or VAE_CONFIG))}, dtype=dtype)
+    finally:
+        root.setLevel(level)
+    if not sd:
+        init_weights(vae.first_stage_model, seed)
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights file: one safetensors with three prefixes and the configs in its metadata.
+
+UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX = "unet.", "text_encoder.", "vae."
+
+
+def save_toy(path: str, unet_sd: dict, clip_sd: dict, vae_sd: dict, meta: dict, dtype=torch.float16) -> int:
+    """Write the three state dicts (stored as `dtype`) and `meta` (JSON) to one safetensors file; returns its size."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for prefix, sd in ((UNET_PREFIX, unet_sd), (CLIP_PREFIX, clip_sd), (VAE_PREFIX, vae_sd)):
+        for k, v in sd.items():
+            v = v.detach().cpu()
+            tensors[prefix + k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    meta = dict(meta, format_version=FORMAT_VERSION, unet_config=meta.get("unet_config", UNET_CONFIG),
+                clip_config=meta.get("clip_config", CLIP_CONFIG), vae_config=meta.get("vae_config", VAE_CONFIG))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def read_metadata(path: str = DEFAULT_PATH) -> dict:
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        md = f.metadata() or {}
+    if METADATA_KEY not in md:
+        raise ValueError(f"{path} is not an EditKit toy model (no '{METADATA_KEY}' metadata)")
+    return json.loads(md[METADATA_KEY])
+
+
+def available(path: str = DEFAULT_PATH) -> bool:
+    return os.path.isfile(path)
+
+
+def _split(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_toy(path: str = DEFAULT_PATH, dtype=torch.float32):
+    """(MODEL, CLIP, VAE) from the shipped weights, as ComfyUI's checkpoint loader returns them."""
+    import comfy.utils
+    if not available(path):
+        raise FileNotFoundError(f"no toy model at {path}: run `make toy-model` (or check out models/toy/ from git)")
+    meta = read_metadata(path)
+    sd = comfy.utils.load_torch_file(path)
+    model = build_unet(meta["latent"], dtype=dtype, config=meta["unet_config"])
+    unet_sd = {k: v.to(dtype) for k, v in _split(sd, UNET_PREFIX).items()}
+    missing, unexpected = model.model.diffusion_model.load_state_dict(unet_sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"toy UNet weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    clip = build_clip(config=meta["clip_config"])
+    missing, unexpected = clip.load_sd(_split(sd, CLIP_PREFIX))
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise ValueError(f"toy text-encoder weights incomplete: missing {missing[:3]}")
+    vae_sd = {k: v.float() for k, v in _split(sd, VAE_PREFIX).items()}
+    vae = build_vae(vae_sd, config=meta["vae_config"])
+    return model, clip, vae
+
+
+_CACHE: dict = {}
+
+
+def load_toy_cached(path: str = DEFAULT_PATH, dtype=torch.float32):
+    """load_toy() once per (path, mtime, dtype); callers must clone() before patching, as with any MODEL."""
+    key = (os.path.abspath(path), os.path.getmtime(path) if available(path) else None, str(dtype))
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load_toy(path, dtype)
+    return _CACHE[key]
+
+
+def encode(clip, text: str):
+    """CONDITIONING for a prompt, as CLIPTextEncode builds it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))

@@ -1,0 +1,49 @@
+"""Loader node for EditKit's trained toy text-to-image model (models/toy/, see its MODEL_CARD.md)."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from ..builtin_models import toy
+from ..core.errors import EditKitInputError
+
+NODE = "EditKitToyModelLoader"
+
+
+def weight_files() -> list[str]:
+    d = os.path.dirname(toy.DEFAULT_PATH)
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors")) if os.path.isdir(d) else []
+    return files or [os.path.basename(toy.DEFAULT_PATH)]
+
+
+class ToyModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE,
+            display_name="Toy Model Loader (trained, ships with EditKit)",
+            category="EditKit/loaders",
+            description="EditKit's small trained text-to-image model (UNet, CLIP text encoder, VAE) for the toy world: "
+                        "128x128 images of one or two shapes (circle, square, triangle) in eight colours on a "
+                        "plain background, prompted like \"a red circle on a white background\". Use a 128x128 "
+                        "empty latent. Real edits and measurable results with no download.",
+            inputs=[
+                io.Combo.Input("weights", options=weight_files(), default=weight_files()[0],
+                               tooltip="Weights file in EditKit's models/toy/ folder (toy.safetensors is the shipped model)."),
+            ],
+            outputs=[io.Model.Output("model", display_name="model"), io.Clip.Output("clip", display_name="clip"),
+                     io.Vae.Output("vae", display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, weights) -> io.NodeOutput:
+        path = os.path.join(os.path.dirname(toy.DEFAULT_PATH), os.path.basename(weights))
+        if not os.path.isfile(path):
+            raise EditKitInputError(NODE, "weights", f"{path} does not exist",
+                                    "restore models/toy/ from git or run `make toy-model`")
+        model, clip, vae = toy.load_toy(path)
+        return io.NodeOutput(model, clip, vae)
+
+
+NODES = [ToyModelLoader]

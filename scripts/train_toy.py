@@ -1,0 +1,607 @@
+"""Train EditKit's toy text-to-image model on the toy world, reproducibly, on a CPU.
+
+    make toy-model                       # all phases; resumes where an interrupted run stopped
+    .venv/bin/python scripts/train_toy.py --phase eval     # re-run one phase (vae|latents|unet|export|eval|card)
+
+Phases (each skipped when done, each resumable from its last checkpoint):
+  vae      AutoencoderKL on random 64x64 crops of toy scenes (L1 + small KL), bf16 autocast.
+  latents  encode N training scenes with comfy.sd.VAE.encode (the posterior mode, as VAEEncode does);
+           per-channel shift and scale so UNet latents have zero mean and unit variance; a linear
+           latent -> RGB map for ComfyUI's live previews.
+  unet     UNet + CLIP text encoder jointly, EPS objective on the SD1 discrete schedule, min-SNR-5
+           weighting, 10 % caption dropout (for CFG), EMA of both, bf16 autocast.
+  export   EMA weights -> models/toy/toy.safetensors (fp16, configs and latent stats in the metadata).
+  eval     load through builtin_models.toy.load_toy and measure txt2img accuracy with the checker.
+  card     write models/toy/MODEL_CARD.md from the recorded state.
+
+Work files (checkpoints, cached latents, state.json with wall times, log) live in --workdir
+(default .cache/toy-train/, outside git). Everything is seeded; a resumed run continues with the
+same data order.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ["vae", "latents", "unet", "export", "eval", "card"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", default="all", help="all, or one of " + ", ".join(PHASES))
+    p.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "toy-train"))
+    p.add_argument("--out", default=os.path.join(ROOT, "models", "toy"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=24)
+    p.add_argument("--vae-crop", type=int, default=64)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-5, help="KL weight relative to the mean L1 loss")
+    p.add_argument("--scenes", type=int, default=48000, help="training scenes encoded for the UNet")
+    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--cfg-dropout", type=float, default=0.1)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--probe-every", type=int, default=1000, help="quick txt2img accuracy probe during UNet training (0: off)")
+    p.add_argument("--eval-heldout", type=int, default=120)
+    p.add_argument("--eval-single", type=int, default=96)
+    p.add_argument("--eval-pair", type=int, default=48)
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--eval-cfg", type=float, default=5.0)
+    p.add_argument("--force", action="store_true", help="redo the selected phase even if recorded as done")
+    return p.parse_args(argv)
+
+
+def boot(threads: int):
+    spec = importlib.util.spec_from_file_location("editkit_boot", os.path.join(ROOT, "runner", "boot.py"))
+    b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(b)
+    sys.modules["editkit_boot"] = b
+    b.boot(threads=threads)
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+class State:
+    """state.json: which phases are done, wall time per phase (summed over resumed runs), results."""
+
+    def __init__(self, path):
+        self.path = path
+        self.data = {"done": [], "wall": {}, "results": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.data.update(json.load(f))
+
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def done(self, phase):
+        return phase in self.data["done"]
+
+    def mark(self, phase):
+        if phase not in self.data["done"]:
+            self.data["done"].append(phase)
+        self.save()
+
+    def add_wall(self, phase, seconds):
+        self.data["wall"][phase] = self.data["wall"].get(phase, 0.0) + seconds
+        self.save()
+
+
+def save_ckpt(path, obj):
+    import torch
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation for training (ComfyUI's layers skip it; the tiny test models use tiny.init_weights)
+
+def train_init(module, seed: int, zero_names=()):
+    """PyTorch's default init for conv/linear layers, unit norms, N(0, 0.02) embeddings, seeded; then zero
+    the parameters of the named sub-modules (residual-branch outputs), as SD's zero_module does."""
+    import torch
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, m in module.named_modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.Conv2d.reset_parameters(m)
+            elif isinstance(m, torch.nn.Linear):
+                torch.nn.Linear.reset_parameters(m)
+            elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.normal_(0.0, 0.02 if "token" in name else 0.01)
+        for name, m in module.named_modules():
+            if any(name == z or name.endswith("." + z) for z in zero_names):
+                for p in m.parameters():
+                    p.zero_()
+    return module
+
+
+def unet_zero_names(unet):
+    names = ["out.2"]
+    for name, m in unet.named_modules():
+        cls = type(m).__name__
+        if cls == "ResBlock":
+            names.append(name + ".out_layers.3")
+        elif cls == "SpatialTransformer":
+            names.append(name + ".proj_out")
+    return names
+
+
+def lr_at(step, total, base, warmup=100, floor=0.1):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase: VAE
+
+def phase_vae(a, st):
+    import numpy as np
+    import torch
+
+    from editkit.builtin_models import toy
+    from editkit.toyworld import world
+
+    ck = os.path.join(a.workdir, "vae.pt")
+    vae = toy.build_vae(seed=a.seed + 1)
+    ae = vae.first_stage_model.float()
+    train_init(ae, a.seed + 1)
+    for p in ae.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(ae.parameters(), lr=a.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step = 0
+    if os.path.exists(ck):
+        c = torch.load(ck, weights_only=False)
+        ae.load_state_dict(c["model"])
+        opt.load_state_dict(c["opt"])
+        step = c["step"]
+        log(f"vae: resumed at step {step}")
+    ae.train()
+    crop = a.vae_crop
+    t_last = time.time()
+    run_start = time.time()
+    hist = []
+    while step < a.vae_steps:
+        rng = np.random.default_rng([a.seed, 1, step])
+        imgs = []
+        for i in range(a.vae_batch):
+            sc = world.sample_scene(int(rng.integers(2 ** 31)), split="any")
+            im = sc.render()
+            if crop < im.shape[0]:
+                y, x = rng.integers(0, im.shape[0] - crop + 1, size=2)
+                im = im[y:y + crop, x:x + crop]
+            imgs.append(im)
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) * 2 - 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.vae_steps, a.vae_lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = ae.quant_conv(ae.encoder(x))
+            mean, logvar = h.float().chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(a.seed * 7919 + step))
+            rec = ae.decoder(ae.post_quant_conv(z)).float()
+        l1 = (rec - x).abs().mean()
+        mse = ((rec - x) ** 2).mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).mean()
+        loss = l1 + mse + a.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        hist.append((l1.item(), mse.item(), kl.item()))
+        if step % 50 == 0 or step == a.vae_steps:
+            m = np.mean(hist, axis=0)
+            hist.clear()
+            psnr = 10 * math.log10(4.0 / max(m[1], 1e-10))
+            now = time.time()
+            log(f"vae step {step}/{a.vae_steps} l1 {m[0]:.4f} psnr {psnr:.2f} kl {m[2]:.1f} std(mean) {mean.std().item():.2f} "
+                f"{(now - t_last) / 50:.2f}s/step")
+            t_last = now
+        if step % a.ckpt_every == 0 or step == a.vae_steps:
+            save_ckpt(ck, {"model": ae.state_dict(), "opt": opt.state_dict(), "step": step})
+            st.add_wall("vae", time.time() - run_start)
+            run_start = time.time()
+    st.add_wall("vae", time.time() - run_start)
+    ae.eval()
+    # Reconstruction quality on full 128x128 scenes through comfy.sd.VAE (what VAEEncode/VAEDecode do).
+    with torch.inference_mode():
+        vae = toy.build_vae({k: v.detach().clone() for k, v in ae.state_dict().items()})
+        scenes = [world.sample_scene(900_000 + i, split="any") for i in range(64)]
+        imgs = torch.from_numpy(world.render_batch(scenes))
+        rec = vae.decode(vae.encode(imgs)).float()
+        mse = ((rec - imgs) ** 2).mean().item()
+    st.data["results"]["vae_psnr"] = 10 * math.log10(1.0 / mse)
+    st.data["results"]["vae_steps"] = a.vae_steps
+    st.data["results"]["vae_params"] = sum(p.numel() for p in ae.parameters())
+    log(f"vae done: PSNR on 128px scenes {st.data['results']['vae_psnr']:.2f} dB")
+    st.mark("vae")
+
+
+def load_vae(a):
+    import torch
+
+    from editkit.builtin_models import toy
+    c = torch.load(os.path.join(a.workdir, "vae.pt"), weights_only=False)
+    return toy.build_vae(c["model"]), c["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase: latents
+
+def phase_latents(a, st):
+    import numpy as np
+    import torch
+
+    from editkit.toyworld import world
+
+    vae, _ = load_vae(a)
+    d = os.path.join(a.workdir, "latents")
+    os.makedirs(d, exist_ok=True)
+    chunk = 1024
+    run_start = time.time()
+    with torch.inference_mode():
+        for c0 in range(0, a.scenes, chunk):
+            path = os.path.join(d, f"chunk_{c0 // chunk:04d}.pt")
+            if os.path.exists(path):
+                continue
+            seeds = list(range(c0, min(c0 + chunk, a.scenes)))
+            scenes = [world.sample_scene(s, split="train") for s in seeds]
+            imgs = torch.from_numpy(world.render_batch(scenes))
+            lat = torch.cat([vae.encode(imgs[i:i + 128]) for i in range(0, len(imgs), 128)]).float()
+            small = torch.nn.functional.avg_pool2d(imgs.permute(0, 3, 1, 2), 8)       # RGB at latent resolution
+            save_ckpt(path, {"seeds": seeds, "latents": lat.half(), "rgb": small.half()})
+            log(f"latents: {c0 + len(seeds)}/{a.scenes}  ({(time.time() - run_start) / (c0 + len(seeds) - 0 + 1e-9):.3f}s/img this run)")
+    st.add_wall("latents", time.time() - run_start)
+    lat, rgb, _ = load_latents(a)
+    shift = lat.mean(dim=(0, 2, 3))
+    scale = 1.0 / (lat - shift.view(1, -1, 1, 1)).std().item()
+    # Linear map UNet-space latent -> RGB in [-1, 1], for ComfyUI's latent previews.
+    z = ((lat - shift.view(1, -1, 1, 1)) * scale).permute(0, 2, 3, 1).reshape(-1, 4)
+    y = (rgb * 2 - 1).permute(0, 2, 3, 1).reshape(-1, 3)
+    X = torch.cat([z, torch.ones(len(z), 1)], 1).double()
+    sol = torch.linalg.lstsq(X, y.double()).solution.float()
+    st.data["results"]["latent"] = {"scale": scale, "shift": shift.tolist(), "rgb_factors": sol[:4].tolist(),
+                                    "rgb_bias": sol[4].tolist(), "raw_std": 1.0 / scale,
+                                    "channel_std": (lat.std(dim=(0, 2, 3))).tolist()}
+    st.data["results"]["scenes"] = a.scenes
+    log(f"latents done: shift {np.round(shift.numpy(), 3)} scale {scale:.4f}")
+    st.mark("latents")
+
+
+def load_latents(a):
+    import torch
+    d = os.path.join(a.workdir, "latents")
+    lats, rgbs, seeds = [], [], []
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".pt"):
+            c = torch.load(os.path.join(d, name))
+            lats.append(c["latents"].float())
+            rgbs.append(c["rgb"].float())
+            seeds += c["seeds"]
+    return torch.cat(lats), torch.cat(rgbs), seeds
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase: UNet + text encoder
+
+def make_clip_trainable(te):
+    """ComfyUI's CLIPLayer adds its residuals in place (x += attn(layer_norm1(x))), so autograd finds
+    LayerNorm's saved input modified. Hooks on this instance's LayerNorms hand them a copy (same values,
+    no change to ComfyUI's code)."""
+    for name, m in te.named_modules():
+        if name.endswith("layer_norm1") or name.endswith("layer_norm2"):
+            m.register_forward_pre_hook(lambda mod, args: (args[0].clone(),) + tuple(args[1:]))
+
+
+def token_ids(clip, text):
+    return [t for t, _w in clip.tokenize(text)["l"][0]]
+
+
+def phase_unet(a, st):
+    import numpy as np
+    import torch
+
+    from editkit.builtin_models import toy
+    from editkit.toyworld import evaluate, world
+
+    stats = st.data["results"]["latent"]
+    lat, _, seeds = load_latents(a)
+    shift = torch.tensor(stats["shift"]).view(1, -1, 1, 1)
+    x0_all = (lat - shift) * stats["scale"]
+    n = len(x0_all)
+    model = toy.build_unet(stats)
+    unet = model.model.diffusion_model
+    train_init(unet, a.seed + 3, unet_zero_names(unet))
+    clip = toy.build_clip(dtype=torch.float32)
+    te = clip.cond_stage_model.clip_l
+    train_init(te, a.seed + 4)
+    make_clip_trainable(te)
+    params = list(unet.parameters()) + list(te.transformer.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    ms = model.model.model_sampling
+    alphas = 1.0 / (1.0 + ms.sigmas.float() ** 2)            # alphas_cumprod of the SD1 schedule
+    snr = alphas / (1 - alphas)
+    captions = [world.sample_scene(s, split="train").caption for s in seeds]
+    cache = {}
+
+    def tokens(text):
+        if text not in cache:
+            cache[text] = token_ids(clip, text)
+        return cache[text]
+
+    opt = torch.optim.AdamW(params, lr=a.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_t = {k: v.detach().clone() for k, v in te.transformer.state_dict().items()}
+    step = 0
+    ck = os.path.join(a.workdir, "unet.pt")
+    if os.path.exists(ck):
+        c = torch.load(ck, weights_only=False)
+        unet.load_state_dict(c["unet"])
+        te.transformer.load_state_dict(c["te"])
+        opt.load_state_dict(c["opt"])
+        ema_u, ema_t, step = c["ema_u"], c["ema_t"], c["step"]
+        log(f"unet: resumed at step {step}")
+    unet.train()
+    te.train()
+    n_params = sum(p.numel() for p in unet.parameters())
+    log(f"unet: {n_params / 1e6:.2f}M params, text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.2f}M, {n} latents")
+    probe = None
+    run_start = time.time()
+    t_last = time.time()
+    hist = []
+    while step < a.unet_steps:
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+        idx = torch.randint(0, n, (a.unet_batch,), generator=g)
+        x0 = x0_all[idx]
+        texts = ["" if torch.rand((), generator=g).item() < a.cfg_dropout else captions[i] for i in idx.tolist()]
+        t = torch.randint(0, len(alphas), (a.unet_batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        ac = alphas[t].view(-1, 1, 1, 1)
+        xt = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
+        w = torch.clamp(snr[t], max=5.0) / snr[t]           # min-SNR-5 for eps prediction
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, a.unet_steps, a.unet_lr, warmup=200)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ctx, _ = te([tokens(s) for s in texts])
+            pred = unet(xt, timesteps=t.float(), context=ctx.float()).float()
+        loss_each = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
+        loss = (w * loss_each).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(a.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for src, ema in ((unet.state_dict(), ema_u), (te.transformer.state_dict(), ema_t)):
+                for k, v in src.items():
+                    if v.is_floating_point():
+                        ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        hist.append(loss_each.mean().item())
+        if step % 50 == 0 or step == a.unet_steps:
+            now = time.time()
+            log(f"unet step {step}/{a.unet_steps} loss {np.mean(hist):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{(now - t_last) / 50:.2f}s/step")
+            hist.clear()
+            t_last = now
+        if step % a.ckpt_every == 0 or step == a.unet_steps:
+            save_ckpt(ck, {"unet": unet.state_dict(), "te": te.transformer.state_dict(), "opt": opt.state_dict(),
+                           "ema_u": ema_u, "ema_t": ema_t, "step": step})
+            st.add_wall("unet", time.time() - run_start)
+            run_start = time.time()
+        if a.probe_every and (step % a.probe_every == 0 or step == a.unet_steps):
+            t0 = time.time()
+            if probe is None:
+                probe = (toy.build_unet(stats), toy.build_clip(), load_vae(a)[0])
+            pm, pc, pv = probe
+            pm.model.diffusion_model.load_state_dict(ema_u)
+            pc.cond_stage_model.clip_l.transformer.load_state_dict({k: v.half() if v.is_floating_point() else v for k, v in ema_t.items()}, strict=False)
+            with torch.inference_mode():
+                res = {}
+                for kind, k in (("heldout", 16), ("single", 16), ("pair", 8)):
+                    prompts, sd = evaluate.eval_prompts(kind, k)
+                    imgs = evaluate.txt2img(pm, pc, pv, prompts, sd, steps=12, cfg=a.eval_cfg)
+                    res[kind] = evaluate.accuracy(imgs, prompts).row()
+            st.data.setdefault("probes", {})[str(step)] = res
+            st.save()
+            log(f"probe @ {step} ({time.time() - t0:.0f}s, EMA, 12 steps): " + "; ".join(
+                f"{k} col {r['color']:.2f} shp {r['shape']:.2f} bg {r['background']:.2f}" for k, r in res.items()))
+            t_last += time.time() - t0
+    st.add_wall("unet", time.time() - run_start)
+    st.data["results"]["unet_steps"] = a.unet_steps
+    st.data["results"]["unet_batch"] = a.unet_batch
+    st.data["results"]["unet_params"] = n_params
+    st.data["results"]["te_params"] = sum(p.numel() for p in te.parameters())
+    st.mark("unet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase: export / eval / card
+
+def weights_path(a):
+    return os.path.join(a.out, "toy.safetensors")
+
+
+def phase_export(a, st):
+    import torch
+
+    from editkit.builtin_models import toy
+    c = torch.load(os.path.join(a.workdir, "unet.pt"), weights_only=False)
+    _, vae_sd = load_vae(a)
+    te_sd = {k: v for k, v in c["ema_t"].items() if not k.endswith("position_ids")}
+    r = st.data["results"]
+    meta = {"latent": {k: r["latent"][k] for k in ("scale", "shift", "rgb_factors", "rgb_bias")},
+            "training": {"seed": a.seed, "vae_steps": r.get("vae_steps"), "unet_steps": r.get("unet_steps"),
+                         "unet_batch": r.get("unet_batch"), "scenes": r.get("scenes")}}
+    size = toy.save_toy(weights_path(a), c["ema_u"], te_sd, vae_sd, meta)
+    r["weights_bytes"] = size
+    log(f"export: {weights_path(a)} ({size / 1e6:.1f} MB)")
+    st.mark("export")
+
+
+def phase_eval(a, st):
+    import torch
+
+    from editkit.builtin_models import toy
+    from editkit.toyworld import evaluate
+    t0 = time.time()
+    model, clip, vae = toy.load_toy(weights_path(a))
+    with torch.inference_mode():
+        res = evaluate.evaluate_txt2img(model, clip, vae, n_heldout=a.eval_heldout, n_single=a.eval_single,
+                                        n_pair=a.eval_pair, steps=a.eval_steps, cfg=a.eval_cfg)
+    st.data["results"]["eval"] = res
+    st.data["results"]["eval_settings"] = {"steps": a.eval_steps, "cfg": a.eval_cfg, "sampler": "euler", "scheduler": "normal"}
+    st.add_wall("eval", time.time() - t0)
+    for k, r in res.items():
+        log(f"eval {k}: n {r['n']} colour {r['color']:.3f} shape {r['shape']:.3f} background {r['background']:.3f} "
+            f"count {r['count']:.3f} all {r['all']:.3f}")
+    st.mark("eval")
+
+
+def phase_card(a, st):
+    from editkit.builtin_models import toy
+    from editkit.toyworld import world
+    r = st.data["results"]
+    wall = st.data["wall"]
+    train_wall = sum(wall.get(p, 0.0) for p in ("vae", "latents", "unet"))
+    lat = r["latent"]
+    ev = r.get("eval", {})
+    es = r.get("eval_settings", {})
+
+    def pct(kind, key):
+        v = ev.get(kind, {}).get(key)
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    probes = st.data.get("probes", {})
+    probe_rows = "\n".join(
+        f"| {s} | " + " | ".join(f"{100 * p[k]['color']:.0f} / {100 * p[k]['shape']:.0f} / {100 * p[k]['background']:.0f}"
+                                 for k in ("heldout", "single", "pair")) + " |"
+        for s, p in sorted(probes.items(), key=lambda kv: int(kv[0])))
+    targets = {"color": 0.90, "shape": 0.75, "background": 0.90}
+    met = all(ev.get("heldout", {}).get(k, 0) >= v for k, v in targets.items())
+    verdict = ("All three held-out targets (colour >= 90 %, shape >= 75 %, background >= 90 %) are met."
+               if met else "Not every held-out target (colour >= 90 %, shape >= 75 %, background >= 90 %) is met; "
+                           "see Limitations.")
+    text = f"""# EditKit toy model
+
+A small latent text-to-image model trained from scratch on EditKit's procedurally generated toy
+world, so that demos and tests can run real edits on a machine with no model downloads, and edit
+quality can be measured against exact ground truth. It is not a general image model: it draws one
+or two flat shapes on a flat background, and nothing else.
+
+File: `toy.safetensors` ({r.get('weights_bytes', 0) / 1e6:.1f} MB, fp16; configs and latent statistics in the
+safetensors metadata key `{toy.METADATA_KEY}`). Load it with the **EditKit Toy Model Loader** node
+(`EditKitToyModelLoader`) or `editkit.builtin_models.toy.load_toy()`; after that, core nodes
+(CLIPTextEncode, EmptyLatentImage, KSampler, SamplerCustomAdvanced, VAEEncode, VAEDecode) work unchanged.
+
+## World (`toyworld/world.py`)
+- 128x128 RGB scenes, seeded: a background colour and one (60 %) or two (40 %) objects.
+- Shapes: {', '.join(world.SHAPES)} (axis-aligned; triangles upright). Colours: {', '.join(world.COLOR_NAMES)}.
+- Object size (side of its bounding square): {int(world.SINGLE_SIZE[0] * 100)}-{int(world.SINGLE_SIZE[1] * 100)} % of the frame alone,
+  {int(world.PAIR_SIZE[0] * 100)}-{int(world.PAIR_SIZE[1] * 100)} % in pairs; objects never overlap; 4x4 supersampled edges.
+- Captions, objects named left to right: "a red circle on a white background",
+  "a red circle and a blue square on a yellow background".
+- Held out: {len(world.held_out_triples())} of the {len(world.single_triples())} single-object (colour, shape, background) triples never
+  appear as single-object training scenes; the accuracy below is measured on them.
+
+## Architecture (ComfyUI-native)
+| part | ComfyUI class | size |
+|---|---|---|
+| UNet | `comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel`, EPS, SD1 discrete schedule; model_channels 64, channel_mult (1, 2, 2), 1 res block per level, self+cross attention at 16x16, 8x8 and the middle block, context 64, 4 heads | {r.get('unet_params', 0) / 1e6:.2f} M params |
+| text encoder | `comfy.sd1_clip.SD1ClipModel` (CLIP text model: 4 layers, hidden 64, 4 heads, MLP 256) with ComfyUI's bundled SD1 tokenizer | {r.get('te_params', 0) / 1e6:.2f} M params (3.16 M of them the 49,408-token embedding) |
+| VAE | `comfy.ldm.models.autoencoder.AutoencoderKL` via `comfy.sd.VAE(config=...)`: ch 32, ch_mult (1, 1, 2, 2), 1 res block, 4 latent channels, 8x downscale | {r.get('vae_params', 0) / 1e6:.2f} M params |
+
+Latent format (`ToyLatentFormat`): UNet latent = (VAE latent - shift) x scale with scale = {lat['scale']:.4f}
+and per-channel shift = {[round(s, 4) for s in lat['shift']]}, measured on the training latents so the UNet sees
+zero-mean, unit-variance latents. A fitted linear latent -> RGB map drives ComfyUI's latent previews.
+
+## Training (`make toy-model`, `scripts/train_toy.py`, seed {a.seed})
+| phase | what | wall time |
+|---|---|---|
+| VAE | {r.get('vae_steps')} steps, batch {a.vae_batch} random {a.vae_crop}x{a.vae_crop} crops, L1 + MSE + {a.vae_kl:g} KL, AdamW, bf16 autocast | {wall.get('vae', 0) / 60:.1f} min |
+| latents | {r.get('scenes')} training scenes encoded (posterior mode) and cached | {wall.get('latents', 0) / 60:.1f} min |
+| UNet + text encoder | {r.get('unet_steps')} steps, batch {r.get('unet_batch')}, AdamW lr {a.unet_lr:g} (warmup, cosine), min-SNR-5, {int(a.cfg_dropout * 100)} % caption dropout, EMA {a.ema} | {wall.get('unet', 0) / 60:.1f} min |
+| **total** | on this machine's 2 CPU cores (2 torch threads, shared with other work) | **{train_wall / 60:.1f} min** |
+
+VAE reconstruction PSNR on 128x128 scenes: {r.get('vae_psnr', float('nan')):.2f} dB.
+
+## Evaluation (the checker in `toyworld/checker.py` reads each image)
+txt2img with KSampler settings: {es.get('sampler', 'euler')}, {es.get('scheduler', 'normal')}, {es.get('steps')} steps, CFG {es.get('cfg')}, empty negative prompt,
+one fixed seed per prompt.
+
+| prompts | n | colour | shape | background | object count | all correct |
+|---|---|---|---|---|---|---|
+| held-out single-object | {ev.get('heldout', {}).get('n', 0)} | {pct('heldout', 'color')} | {pct('heldout', 'shape')} | {pct('heldout', 'background')} | {pct('heldout', 'count')} | {pct('heldout', 'all')} |
+| trained single-object | {ev.get('single', {}).get('n', 0)} | {pct('single', 'color')} | {pct('single', 'shape')} | {pct('single', 'background')} | {pct('single', 'count')} | {pct('single', 'all')} |
+| two objects | {ev.get('pair', {}).get('n', 0)} | {pct('pair', 'color')} | {pct('pair', 'shape')} | {pct('pair', 'background')} | {pct('pair', 'count')} | {pct('pair', 'all')} |
+
+{verdict} For two-object captions, colour and shape count as correct only if both objects are right.
+
+Accuracy during training (EMA weights, 12 euler steps, 16/16/8 prompts; colour / shape / background, %):
+
+| step | held-out | trained single | two objects |
+|---|---|---|---|
+{probe_rows}
+
+## Limitations
+- Only this world: shapes, colours and the caption template above. Other words are tokenised (the
+  tokenizer is SD1.5's) but carry no meaning for the model.
+- 128x128 only in practice (16x16 latents); other sizes run but were never trained.
+- The checker judges shapes by IoU against an inscribed template, so it accepts slightly rounded
+  squares as squares; a shape judged wrong is usually a blob between two shapes.
+"""
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "MODEL_CARD.md"), "w") as f:
+        f.write(text)
+    log(f"card: {os.path.join(a.out, 'MODEL_CARD.md')}")
+    st.mark("card")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    os.makedirs(a.workdir, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    boot(a.threads)
+    import torch
+    torch.set_num_threads(a.threads)
+    st = State(os.path.join(a.workdir, "state.json"))
+    phases = PHASES if a.phase == "all" else [a.phase]
+    fns = {"vae": phase_vae, "latents": phase_latents, "unet": phase_unet, "export": phase_export,
+           "eval": phase_eval, "card": phase_card}
+    for ph in phases:
+        if ph not in fns:
+            raise SystemExit(f"unknown phase {ph!r}; one of {PHASES}")
+        if st.done(ph) and not (a.force and a.phase != "all"):
+            log(f"{ph}: done (state.json), skipping")
+            continue
+        log(f"{ph}: start")
+        fns[ph](a, st)
+    log("all requested phases done")
+
+
+if __name__ == "__main__":
+    main()
