@@ -1,0 +1,281 @@
+"""Prompt-to-Prompt (Hertz et al. 2022) on the attention controller.
+
+Target cross-attention maps are edited from the source branch's maps, per target row:
+    P_t' = P_s G + P_t diag(d)      (G: word swap / refinement mapper, d = 1 - alpha for refinement)
+    P_t' = P_t' diag(w)             (re-weighting)
+inside the cross-attention window (default the first 80% of steps); outside it only the
+re-weighting applies, to the target's own maps. Because out = P' v, every term is ComfyUI's own
+attention with modified queries/keys/values: P_s G v_t = attention(q_s, k_s, G v_t),
+P_t diag(w) v_t = attention(q_t, k_t, w * v_t). No probability matrix is materialised for the
+output. Self-attention replacement (default the first 40%) gives the target the source's self-
+attention maps on every level but the finest: attention(q_s, k_s, v_t).
+
+Local blend (P2P): the maps of the blend words (source words in the source row, target words in
+the target row) are accumulated at the blend level; mask = threshold(normalised max-pooled maps of
+source OR target); outside it the target's prediction is the source's at every step (post-CFG) and
+the final latent is blended exactly once more with the last mask.
+
+Like the reference implementation, edits apply to the conditional branch only.
+
+DiTs (SD3, Flux): on the image-query x text-key part of each joint attention, the target's text
+distribution is replaced by the source's (aligned, re-weighted) with the target's own text mass:
+    out_t = A_t + m_t * (attention(q_s, k_s,txt, G w v_t,txt) - attention(q_t, k_t,txt, v_t,txt))
+where m_t is the share of the target's joint softmax on text keys. No self-attention replacement.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..core import denoiser
+from .controller import (BRANCHES_KEY, Call, Replace, Rows, Technique, attend, attend_dit, latent_layout)
+from .maps import CrossAttentionMapStore
+
+BLEND_START = 0.2      # P2P starts local blending after 20% of the steps
+log = logging.getLogger("editkit")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one target prompt's maps are built from the source's."""
+    g: Optional[torch.Tensor]        # (T_src, T_tgt) mapper; None = identity
+    d: Optional[torch.Tensor]        # (T_tgt,) weight of the target's own maps (refinement); None = 0
+    w: Optional[torch.Tensor]        # (T_tgt,) re-weighting; None = 1
+    length: int
+
+    def mapped_v(self, v: torch.Tensor, tokens_dim: int = -2) -> torch.Tensor:
+        """G (w * v) along the token dimension."""
+        x = v
+        if self.w is not None:
+            x = x * _col(self.w, x, tokens_dim)
+        if self.g is not None:
+            g = self.g.to(device=x.device, dtype=x.dtype)
+            x = torch.movedim(torch.matmul(g, torch.movedim(x, tokens_dim, -2)), -2, tokens_dim)
+        return x
+
+    def own_v(self, v: torch.Tensor, tokens_dim: int = -2) -> Optional[torch.Tensor]:
+        """(d * w) * v, or None when the target keeps none of its own maps."""
+        if self.d is None:
+            return None
+        s = self.d if self.w is None else self.d * self.w
+        return v * _col(s, v, tokens_dim)
+
+
+def _col(vec: torch.Tensor, like: torch.Tensor, tokens_dim: int) -> torch.Tensor:
+    shape = [1] * like.ndim
+    shape[tokens_dim] = -1
+    return vec.to(device=like.device, dtype=like.dtype).reshape(shape)
+
+
+def make_plan(g, alpha, w, length: int) -> Plan:
+    ident = g is not None and g.shape[0] == g.shape[1] and torch.equal(g, torch.eye(g.shape[0]))
+    d = None
+    if alpha is not None and bool((alpha < 1).any()):
+        d = 1.0 - alpha
+    if w is not None and bool((w == 1).all()):
+        w = None
+    return Plan(None if ident else g, d, w, length)
+
+
+class PromptToPrompt(Technique):
+    name = "prompt_to_prompt"
+    uses_dit = True
+
+    def __init__(self, plans: list[Plan], cross_steps: float, self_steps: float, self_levels: frozenset,
+                 blend: Optional[CrossAttentionMapStore] = None, blend_level: int = 1, threshold: float = 0.3):
+        super().__init__()
+        self.plans, self.cross_steps, self.self_steps = plans, cross_steps, self_steps
+        self.self_levels = self_levels
+        self.blend, self.blend_level, self.threshold = blend, blend_level, threshold
+        self.last_mask = None        # (B, 1, H, W) bool of the latent batch, per run
+        self.mismatch = False
+
+    # --- layers ---------------------------------------------------------------------------------
+    def attn2_sites(self, layout):
+        return [s for s in layout.sites if s.cross]
+
+    def attn1_sites(self, layout):
+        if self.self_steps <= 0:
+            return []
+        return [s for s in layout.sites if s.downsample in self.self_levels]
+
+    def begin_run(self):
+        super().begin_run()
+        with self.lock:
+            self.last_mask = None
+            self.mismatch = False
+        if self.blend is not None:
+            self.blend.begin_run()
+
+    def _plan(self, j: int) -> Plan:
+        return self.plans[min(max(j, 0), len(self.plans) - 1)]
+
+    def _pairs(self, call: Call):
+        return [p for c in call.chunks if c.cond for p in c.pairs]
+
+    def _check_length(self, plan: Plan, n: int) -> bool:
+        if plan.length == n:
+            return True
+        if not self.mismatch:
+            log.warning("EditKitPromptToPrompt: the conditioning has %d tokens but the prompts given to the node have %d; "
+                        "not editing (give the node the prompts that were encoded)", n, plan.length)
+            self.mismatch = True
+        return False
+
+    # --- attention ------------------------------------------------------------------------------
+    def attention(self, call: Call, q, k, v):
+        if call.is_dit:
+            return self._joint(call, q, k, v)
+        if call.kind == "self":
+            return self._self(call, q, k, v)
+        return self._cross(call, q, k, v)
+
+    def _self(self, call, q, k, v):
+        if not call.in_window(0.0, self.self_steps) or call.site.downsample not in self.self_levels:
+            return None
+        pairs = self._pairs(call)
+        if not pairs:
+            return None
+        t, s = [p[0] for p in pairs], [p[1] for p in pairs]
+        q2, k2 = q.clone(), k.clone()
+        q2[t], k2[t] = q[s], k[s]
+        return Replace(t, q2, k2, v)
+
+    def _cross(self, call, q, k, v):
+        if self.blend is not None and call.site.downsample == self.blend_level:
+            self.blend.capture(q, k, call.extra, call.site, call)
+        pairs = self._pairs(call)
+        if not pairs:
+            return None
+        inside = call.in_window(0.0, self.cross_steps)
+        rows, need_rows = [], False
+        q2, k2, v2 = None, None, None
+        extra_terms = {}
+        for t, s, j in pairs:
+            plan = self._plan(j)
+            if not self._check_length(plan, k.shape[1]):
+                continue
+            if not inside and plan.w is None:
+                continue
+            if q2 is None:
+                q2, k2, v2 = q.clone(), k.clone(), v.clone()
+            if inside:
+                q2[t], k2[t], v2[t] = q[s], k[s], plan.mapped_v(v[t])
+                own = plan.own_v(v[t])
+                if own is not None:
+                    extra_terms[t] = own
+                    need_rows = True
+            else:
+                v2[t] = v[t] * _col(plan.w, v[t], -2)
+            rows.append(t)
+        if not rows:
+            return None
+        if not need_rows:
+            return Replace(rows, q2, k2, v2)
+        out = attend(q2[rows], k2[rows], v2[rows], call.extra)
+        own_rows = [t for t in rows if t in extra_terms]
+        if own_rows:
+            own = attend(q[own_rows], k[own_rows], torch.stack([extra_terms[t] for t in own_rows]), call.extra)
+            idx = [rows.index(t) for t in own_rows]
+            out[idx] = out[idx] + own
+        return Rows(rows, out)
+
+    def wants_dit_call(self, call: Call) -> bool:
+        return call.kind == "joint"
+
+    def _joint(self, call, q4, k4, v4):
+        """q4/k4/v4: (B, heads, txt + img, d)."""
+        if self.blend is not None:
+            self.blend.capture_dit(q4, k4, call)
+        pairs = self._pairs(call)
+        inside = call.in_window(0.0, self.cross_steps)
+        if not pairs:
+            return None
+        T, I = call.txt, slice(call.txt, call.txt + call.img)
+        sel = []
+        for t, s, j in pairs:
+            plan = self._plan(j)
+            if self._check_length(plan, T) and (inside or plan.w is not None):
+                sel.append((t, s, plan))
+        if not sel:
+            return None
+        rows = [t for t, _, _ in sel]
+        base = attend_dit(call, q4[rows], k4[rows], v4[rows])              # (n, L, H*d)
+        raw = lambda a, b, c: call.backend(a, b, c, call.heads, **{**call.kwargs, "skip_reshape": True, "skip_output_reshape": True})
+        corr = []
+        for t, s, plan in sel:
+            qt, kt, vt = q4[t:t + 1, :, I], k4[t:t + 1, :, :T], v4[t:t + 1, :, :T]
+            if inside:
+                new = raw(q4[s:s + 1, :, I], k4[s:s + 1, :, :T], plan.mapped_v(vt))
+                own = plan.own_v(vt)
+                if own is not None:
+                    new = new + raw(qt, kt, own)
+            else:
+                new = raw(qt, kt, vt * _col(plan.w, vt, -2))
+            corr.append(new - raw(qt, kt, vt))
+        corr = torch.cat(corr)                                                    # (n, H, img, d)
+        # share of each image query's joint softmax on the text keys
+        ind = torch.zeros(v4[rows].shape[:-1] + (8,), device=v4.device, dtype=v4.dtype)
+        ind[:, :, :T, 0] = 1.0
+        mass = raw(q4[rows][:, :, I], k4[rows], ind)[..., :1]                    # (n, H, img, 1)
+        delta = (corr * mass).transpose(1, 2).reshape(len(rows), call.img, -1)
+        out = base.clone()
+        out[:, I] = out[:, I] + delta.to(out.dtype)
+        return Rows(rows, out)
+
+    # --- local blend ----------------------------------------------------------------------------
+    def blend_mask(self, batch: int, hw: tuple, branches=None) -> Optional[torch.Tensor]:
+        """(batch, 1, H, W) bool: True where a target may differ from its source (sources: all True)."""
+        if self.blend is None:
+            return None
+        maps = self.blend.raw(self.blend_level)
+        if maps is None or maps.shape[0] != batch:
+            return None
+        m = maps.float().sum(1, keepdim=True)
+        m = F.max_pool2d(m, 3, 1, padding=1)
+        m = F.interpolate(m, size=hw, mode="nearest")
+        m = m / m.flatten(1).amax(1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+        m = m > self.threshold
+        layout = latent_layout(batch, branches)
+        out = torch.ones_like(m)
+        for t, s, _ in layout.pairs:
+            out[t] = m[t] | m[s]
+        return out
+
+    def _apply_blend(self, x, mask, branches):
+        layout = latent_layout(x.shape[0], branches)
+        x = x.clone()
+        mk = mask.to(device=x.device, dtype=x.dtype)
+        for t, s, _ in layout.pairs:
+            x[t] = x[s] + mk[t] * (x[t] - x[s])
+        return x
+
+    def post_cfg(self, args):
+        if self.blend is None:
+            return None
+        den = args["denoised"]
+        to = args.get("model_options", {}).get("transformer_options", {})
+        sched = to.get("sample_sigmas")
+        if sched is not None and denoiser.progress(sched, args["sigma"]) < BLEND_START:
+            return None
+        branches = to.get(BRANCHES_KEY)
+        mask = self.blend_mask(den.shape[0], tuple(den.shape[-2:]), branches)
+        if mask is None:
+            return None
+        with self.lock:
+            self.last_mask = mask
+        return self._apply_blend(den, mask, branches)
+
+    def end_run(self, samples, branches=None):
+        if self.blend is None or not torch.is_tensor(samples) or samples.ndim != 4:
+            return samples
+        mask = self.blend_mask(samples.shape[0], tuple(samples.shape[-2:]), branches)
+        if mask is None:
+            return samples
+        with self.lock:
+            self.last_mask = mask
+        return self._apply_blend(samples, mask, branches)
