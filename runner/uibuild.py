@@ -63,13 +63,15 @@ class WorkflowBuilder:
             for d in defs:
                 linked = n.links_in.get(d.name)
                 if d.is_widget:
-                    if d.name not in n.widgets and linked is None:
+                    if d.name not in n.widgets:
                         default = d.options.get("default")
                         if default is None and d.type == "COMBO":
                             cls_spec = self.classes[n.type].INPUT_TYPES()
                             spec = (cls_spec.get("required", {}) | cls_spec.get("optional", {}))[d.name]
                             opts = spec[0] if isinstance(spec[0], (list, tuple)) else spec[1].get("options", [])
                             default = opts[0] if opts else None
+                        if default is None:  # what the front end's widget starts with
+                            default = {"STRING": "", "INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(d.type)
                         n.widgets[d.name] = default
                     widgets_values.append(n.widgets.get(d.name))
                     if d.has_control:

@@ -1,0 +1,98 @@
+"""The real ComfyUI server (main.py --cpu) with EditKit in custom_nodes/: node definitions, web
+extension, and every shipped workflow queued through `editkit-run --server`."""
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from ek_server import ROOT, WORKFLOWS, shared_server, stop_shared_server
+
+RUNNER = [sys.executable, os.path.join(ROOT, "scripts", "editkit_run.py")]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, request):
+    request.addfinalizer(stop_shared_server)
+    return shared_server(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get_json("/object_info", timeout=120)
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(RUNNER + list(args), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    summary = None
+    if proc.stdout.strip().startswith("{"):
+        summary = json.loads(proc.stdout)
+    return proc, summary
+
+
+def test_object_info_lists_every_editkit_node_with_tooltips(object_info, comfy_nodes):
+    from editkit.nodes import node_list
+    ids = {n.GET_SCHEMA().node_id for n in node_list()}
+    served = {k for k, v in object_info.items() if k.startswith("EditKit")}
+    assert ids and ids == served, f"missing on the server: {ids - served}; unexpected: {served - ids}"
+    for node_id in sorted(ids):
+        info = object_info[node_id]
+        assert info.get("description"), f"{node_id}: no description"
+        assert info["category"].startswith("EditKit/"), node_id
+        assert "custom_nodes" in info.get("python_module", ""), (node_id, info.get("python_module"))
+        for section in ("required", "optional"):
+            for name, spec in (info["input"].get(section) or {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                assert opts.get("tooltip"), f"{node_id}.{name}: no tooltip on the server"
+        for i, name in enumerate(info.get("output_name") or []):
+            assert name, f"{node_id} output {i} has no name"
+
+
+def test_web_extension_is_served(comfy_server):
+    exts = comfy_server.get_json("/extensions")
+    ours = [e for e in exts if e.startswith("/extensions/EditKit/")]
+    assert "/extensions/EditKit/editkit.js" in ours, exts[-5:]
+    with urllib.request.urlopen(comfy_server.url + "/extensions/EditKit/editkit.js", timeout=30) as r:
+        assert r.status == 200 and b"registerExtension" in r.read()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
+def test_workflow_runs_on_the_server(path, comfy_server, tmp_path):
+    proc, summary = run_cli(path, "--server", comfy_server.url, "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n--- server log ---\n" + comfy_server.log_tail(3000)
+    assert summary["success"] and summary["mode"] == "server"
+    assert summary["outputs"], "no output image came back"
+    for f in summary["outputs"]:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+        assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(f) > 100, f
+    assert summary["node_times"] and summary["total_time"] > 0
+    # the progress bar went to stderr, nothing but the JSON to stdout
+    assert "[" in proc.stderr and "done in" in proc.stderr
+
+
+def test_server_node_errors_name_node_and_input(comfy_server, tmp_path):
+    wf = os.path.join(ROOT, "workflows", "sdedit.json")
+    if not os.path.exists(wf):
+        pytest.skip("sdedit.json not shipped")
+    proc, summary = run_cli(wf, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
+                            "--set", "KSampler.steps=abc")
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("editkit-run:")]
+    assert len(lines) == 1 and "(KSampler" in lines[0] and "input 'steps'" in lines[0], proc.stderr
+    assert summary["success"] is False
+
+
+def test_server_runtime_error_keeps_earlier_outputs(comfy_server, tmp_path):
+    wf = os.path.join(ROOT, "workflows", "attention_maps.json")
+    if not os.path.exists(wf):
+        pytest.skip("attention_maps.json not shipped")
+    proc, summary = run_cli(wf, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
+                            "--set", "EditKitAttentionMaps.words=")
+    assert proc.returncode == 1, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("editkit-run:")]
+    assert len(lines) == 1 and "EditKitAttentionMaps" in lines[0] and "'words'" in lines[0], proc.stderr
+    assert summary["error"]["node_type"] == "EditKitAttentionMaps"
