@@ -61,7 +61,7 @@ def null_text_program(pivot: list, cfg: float, inner: int, lr: float, early_stop
                 phi = phi[:1].repeat(b, 1, 1)
             spec = BranchSpec("positive", "negative", float(cfg))
             pos = guider.conds["positive"]
-            phis, used, losses = [], [], []
+            phis, used, losses, first = [], [], [], []
             for i in range(n):
                 s, s_next = _sig(sigmas, i, x).clone(), _sig(sigmas, i + 1, x).clone()
                 ts = s.reshape(1).expand(b).clone()
@@ -84,6 +84,8 @@ def null_text_program(pivot: list, cfg: float, inner: int, lr: float, early_stop
                     opt.step()
                     iters += 1
                     loss_v = float(loss.detach())
+                    if iters == 1:
+                        first.append(loss_v)
                     if loss_v < early_stop + i * 2e-5:
                         break
                 phi = phi.detach()
@@ -100,7 +102,7 @@ def null_text_program(pivot: list, cfg: float, inner: int, lr: float, early_stop
         with torch.inference_mode():
             record["null_embeddings"] = [to_storage(p) for p in phis]
             record["final"] = to_storage(x)
-        record.update(iterations=used, losses=losses, nfe=getattr(guider, "evaluations", 0))
+        record.update(iterations=used, losses=losses, first_losses=first, nfe=getattr(guider, "evaluations", 0))
         return x
 
     return program
@@ -122,6 +124,7 @@ def null_text_inversion(model, latent: torch.Tensor, positive, negative, cfg: fl
         guider.run(program, sigmas, tuple(x0.shape))
     stats = {"nfe": pivot_inv.stats["nfe"] + int(record.get("nfe", 0)), "pivot_nfe": pivot_inv.stats["nfe"],
              "iterations": list(record["iterations"]), "iterations_total": int(sum(record["iterations"])),
-             "iteration_budget": n * inner, "final_losses": list(record["losses"])}
+             "iteration_budget": n * inner, "final_losses": list(record["losses"]),
+             "first_losses": list(record["first_losses"])}
     return pivot_inv.with_changes(method="nti", negative=negative, cfg=float(cfg), settings=dict(settings or {}),
                                   null_embeddings=record["null_embeddings"], stats=stats)
