@@ -113,6 +113,8 @@ def error_lines(prompt: dict, node_errors: dict | None, error: dict | None) -> l
 
 
 def _boot():
+    if "editkit_boot" in sys.modules and "editkit" in sys.modules:  # already booted (tests, scripts)
+        return
     spec = importlib.util.spec_from_file_location("editkit_boot", os.path.join(HERE, "boot.py"))
     boot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(boot)
@@ -121,6 +123,18 @@ def _boot():
 
 
 def main(argv=None) -> int:
+    import logging
+    level = logging.getLogger().level
+    pbar = sys.modules.get("comfy.utils") and sys.modules["comfy.utils"].PROGRESS_BAR_ENABLED
+    try:
+        return _main(argv)
+    finally:  # leave the process as it was (main() is also called in-process by tests and scripts)
+        logging.getLogger().setLevel(level)
+        if pbar is not None and "comfy.utils" in sys.modules:
+            sys.modules["comfy.utils"].PROGRESS_BAR_ENABLED = pbar
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="editkit-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workflow", help="workflow JSON file (UI format as the canvas saves it, or API format)")
     ap.add_argument("--out", default="out", help="directory for the output images (default: out/)")

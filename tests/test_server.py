@@ -51,6 +51,14 @@ def test_object_info_lists_every_editkit_node_with_tooltips(object_info, comfy_n
             assert name, f"{node_id} output {i} has no name"
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
+def test_object_info_and_node_classes_convert_alike(path, object_info, comfy_nodes):
+    """Server mode converts with /object_info, in-process mode with the node classes: same prompt."""
+    from editkit.runner import workflow
+    data = workflow.load(path)
+    assert workflow.ui_to_api(data, object_info) == workflow.ui_to_api(data, comfy_nodes.NODE_CLASS_MAPPINGS)
+
+
 def test_web_extension_is_served(comfy_server):
     exts = comfy_server.get_json("/extensions")
     ours = [e for e in exts if e.startswith("/extensions/EditKit/")]
