@@ -93,6 +93,8 @@ class PromptToPrompt(Technique):
         self.blend, self.blend_level, self.threshold = blend, blend_level, threshold
         self.last_mask = None        # (B, 1, H, W) bool of the latent batch, per run
         self.mismatch = False
+        self.applied: dict = {}      # (kind, layer) -> steps edited (this run)
+        self._branch_state = None
 
     # --- layers ---------------------------------------------------------------------------------
     def attn2_sites(self, layout):
@@ -108,11 +110,17 @@ class PromptToPrompt(Technique):
         with self.lock:
             self.last_mask = None
             self.mismatch = False
+            self.applied = {}
+            self._branch_state = None
         if self.blend is not None:
             self.blend.begin_run()
 
     def _plan(self, j: int) -> Plan:
         return self.plans[min(max(j, 0), len(self.plans) - 1)]
+
+    def _note(self, kind: str, call: Call):
+        with self.lock:
+            self.applied.setdefault((kind, call.layer), set()).add(call.step)
 
     def _pairs(self, call: Call):
         return [p for c in call.chunks if c.cond for p in c.pairs]
@@ -143,6 +151,7 @@ class PromptToPrompt(Technique):
         t, s = [p[0] for p in pairs], [p[1] for p in pairs]
         q2, k2 = q.clone(), k.clone()
         q2[t], k2[t] = q[s], k[s]
+        self._note("self", call)
         return Replace(t, q2, k2, v)
 
     def _cross(self, call, q, k, v):
@@ -174,6 +183,7 @@ class PromptToPrompt(Technique):
             rows.append(t)
         if not rows:
             return None
+        self._note("cross", call)
         if not need_rows:
             return Replace(rows, q2, k2, v2)
         out = attend(q2[rows], k2[rows], v2[rows], call.extra)
@@ -203,6 +213,7 @@ class PromptToPrompt(Technique):
                 sel.append((t, s, plan))
         if not sel:
             return None
+        self._note("joint", call)
         rows = [t for t, _, _ in sel]
         base = attend_dit(call, q4[rows], k4[rows], v4[rows])              # (n, L, H*d)
         raw = lambda a, b, c: call.backend(a, b, c, call.heads, **{**call.kwargs, "skip_reshape": True, "skip_output_reshape": True})
