@@ -87,6 +87,7 @@ class CrossAttentionMapStore:
         self.steps_seen: set[int] = set()
         self.latent_hw = None
         self.roles: list = []
+        self.pairs: list = []          # (target row, source row) within a chunk, from the last capture
         self.step_sums: dict[int, torch.Tensor] = {}
         self.step_counts: dict[int, int] = {}
         self.last_sums: dict[int, torch.Tensor] = {}
@@ -185,6 +186,7 @@ class CrossAttentionMapStore:
             if latent_hw is not None:
                 self.latent_hw = latent_hw
             self.roles = roles
+            self.pairs = [(t - chunk.start, src - chunk.start) for t, src, _ in chunk.pairs]
             if level in self.sums and self.sums[level].shape == per_word.shape:
                 self.sums[level] += per_word.to(self.sums[level].device)
                 self.counts[level] += 1

@@ -95,6 +95,7 @@ class PromptToPrompt(Technique):
         self.mismatch = False
         self.applied: dict = {}      # (kind, layer) -> steps edited (this run)
         self._branch_state = None
+        self.run_branches = None
 
     # --- layers ---------------------------------------------------------------------------------
     def attn2_sites(self, layout):
@@ -112,6 +113,7 @@ class PromptToPrompt(Technique):
             self.mismatch = False
             self.applied = {}
             self._branch_state = None
+            self.run_branches = None
         if self.blend is not None:
             self.blend.begin_run()
 
@@ -271,19 +273,55 @@ class PromptToPrompt(Technique):
         den = args["denoised"]
         to = args.get("model_options", {}).get("transformer_options", {})
         sched = to.get("sample_sigmas")
+        branches = to.get(BRANCHES_KEY)
+        if branches:
+            return self._post_cfg_branch(den, args, tuple(branches), sched)
         if sched is not None and denoiser.progress(sched, args["sigma"]) < BLEND_START:
             return None
-        branches = to.get(BRANCHES_KEY)
-        mask = self.blend_mask(den.shape[0], tuple(den.shape[-2:]), branches)
+        mask = self.blend_mask(den.shape[0], tuple(den.shape[-2:]), None)
         if mask is None:
             return None
         with self.lock:
             self.last_mask = mask
-        return self._apply_blend(den, mask, branches)
+        return self._apply_blend(den, mask, None)
+
+    def _post_cfg_branch(self, den, args, branches, sched):
+        """An EditKit branch sampler guides each branch separately (source first) with the same sigma:
+        keep the source's prediction and blend the target's with it."""
+        sig = float(torch.as_tensor(args["sigma"]).flatten()[0])
+        with self.lock:
+            st = self._branch_state
+            if st is None or st[0] != sig:
+                st = (sig, 0, None)
+            idx, src = st[1], st[2]
+            role = branches[idx % len(branches)]
+            if role == "source":
+                src = den
+            self._branch_state = (sig, idx + 1, src)
+            self.run_branches = branches
+        if role == "source" or src is None or src.shape != den.shape:
+            return None
+        if sched is not None and denoiser.progress(sched, sig) < BLEND_START:
+            return None
+        n, b = len(branches), den.shape[0]
+        mask = self.blend_mask(n * b, tuple(den.shape[-2:]), branches)
+        if mask is None:
+            return None
+        bi = idx % n
+        m = mask[bi * b:(bi + 1) * b].to(device=den.device, dtype=den.dtype)
+        with self.lock:
+            self.last_mask = mask
+        return src + m * (den - src)
 
     def end_run(self, samples, branches=None):
         if self.blend is None or not torch.is_tensor(samples) or samples.ndim != 4:
             return samples
+        branches = branches or getattr(self, "run_branches", None)
+        if branches:
+            n = len(branches)
+            maps = self.blend.raw(self.blend_level)
+            if maps is None or maps.shape[0] != samples.shape[0] or samples.shape[0] % n:
+                return samples        # the sampler returned only the target branch: blended at every step already
         mask = self.blend_mask(samples.shape[0], tuple(samples.shape[-2:]), branches)
         if mask is None:
             return samples

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..attention import alignment
 from ..attention.maps import CrossAttentionMapStore, install_capture, select_levels
 from ..core import imaging
 from ..core.errors import EditKitInputError, require
-from ..core.introspect import attention_layout, require_architecture
+from ..core.introspect import attention_layout, model_family, require_architecture
 from ..core.tokens import split_words, token_positions
 
 AttentionMaps = io.Custom("EDITKIT_ATTENTION_MAPS")
@@ -38,6 +39,11 @@ class AttentionMapsCapture(io.ComfyNode):
                                tooltip="Capture from this fraction of the sampling steps."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Capture up to this fraction of the sampling steps."),
+                io.String.Input("target_prompt", multiline=True, default="", optional=True,
+                                tooltip="Optional: the target prompt(s) of an edit batch (one per line). Then row 0 (or the "
+                                        "source branch) is read with the prompt above and the targets with these, and "
+                                        "'Attention Maps (show)' puts source and target side by side. A word may be in "
+                                        "either prompt; where it is missing its map is empty."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with capture installed; sample with it."),
@@ -46,19 +52,30 @@ class AttentionMapsCapture(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, prompt, words, levels, start_percent, end_percent) -> io.NodeOutput:
+    def execute(cls, model, clip, prompt, words, levels, start_percent, end_percent, target_prompt="") -> io.NodeOutput:
         node = "EditKitAttentionMaps"
         require_architecture(model, {"unet"}, node, what="attention-map capture")
         word_list = split_words(words)
         require(bool(word_list), node, "words", "no words given", "type one or more words of the prompt, comma-separated")
         require(start_percent <= end_percent, node, "start_percent", "start_percent is after end_percent",
                 "make start_percent <= end_percent")
-        positions = token_positions(clip, prompt, word_list, node)
+        targets = [t.strip() for t in (target_prompt or "").splitlines() if t.strip()]
+        if targets:
+            family = model_family(model)
+            positions = alignment.positions(clip, prompt, word_list, family, node, "words", "prompt", allow_missing=True)
+            target_words = [alignment.positions(clip, t, word_list, family, node, "words", "target prompt", allow_missing=True)
+                            for t in targets]
+            for w in word_list:
+                if not positions[w] and not any(tw[w] for tw in target_words):
+                    raise EditKitInputError(node, "words", f"the word '{w}' is in neither the prompt \"{prompt.strip()[:80]}\" "
+                                            "nor the target prompt(s)", "use words that appear in one of the prompts (comma-separated)")
+        else:
+            positions, target_words = token_positions(clip, prompt, word_list, node), None
         layout = attention_layout(model)
         lv = select_levels(layout, levels)
         if not lv:
             raise EditKitInputError(node, "model", "this model has no cross-attention layers", "use a text-conditioned UNet")
-        store = CrossAttentionMapStore(positions, lv, start_percent, end_percent)
+        store = CrossAttentionMapStore(positions, lv, start_percent, end_percent, target_words=target_words)
         m = model.clone()
         install_capture(m, store)
         return io.NodeOutput(m, store)
@@ -72,7 +89,8 @@ class AttentionMapsShow(io.ComfyNode):
             display_name="Attention Maps (show)",
             category="EditKit/analysis",
             description="Draw captured word maps as heat maps over the decoded image: one row per image, "
-                        "the image first and then one labelled panel per word.",
+                        "the image first and then one labelled panel per word. For maps captured with a target prompt "
+                        "(an edit batch), one row per target: the source's image and word maps, then the target's.",
             inputs=[
                 AttentionMaps.Input("attention_maps", tooltip="From 'Attention Maps (capture)'."),
                 io.Image.Input("image", tooltip="The decoded result of the sampling run that captured the maps "
@@ -81,7 +99,7 @@ class AttentionMapsShow(io.ComfyNode):
                 io.Combo.Input("colormap", options=imaging.COLORMAPS, default="inferno", tooltip="Colour map of the heat maps."),
             ],
             outputs=[
-                io.Image.Output("heatmaps", display_name="heatmaps", tooltip="One grid row per image: the image and each word's heat map."),
+                io.Image.Output("heatmaps", display_name="heatmaps", tooltip="One grid row per image (the image and each word's heat map), or per target of an edit batch (source panels, then target panels)."),
                 io.Mask.Output("maps", display_name="maps", tooltip="The raw maps in [0, 1] at image size, word-major per image (batch x words)."),
             ],
         )
@@ -99,13 +117,22 @@ class AttentionMapsShow(io.ComfyNode):
             raise EditKitInputError(node, "image", f"{b_img} images but the maps are for a batch of {maps.shape[0]}",
                                     "connect the decoded output of the same sampling run")
         full = imaging.resize_maps(maps, h, w)                       # (B, N, H, W)
-        rows = []
-        for i in range(b_img):
-            panels = [imaging.label(image[i, ..., :3].float().cpu(), "image")]
+
+        def panels(i, tag):
+            out = [imaging.label(image[i, ..., :3].float().cpu(), tag or "image")]
             for j, word in enumerate(store.words):
                 heat = imaging.colorize(full[i, j], colormap)
-                panels.append(imaging.label(imaging.overlay(image[i].cpu(), heat, opacity), word))
-            rows.append(imaging.hstack(panels))
+                out.append(imaging.label(imaging.overlay(image[i].cpu(), heat, opacity), word))
+            return out
+        rows = []
+        pairs = [(t, s) for t, s in store.pairs if t < b_img and s < b_img] if store.branched else []
+        if pairs:
+            for n, (t, s) in enumerate(pairs):
+                tag = "target" if len(pairs) == 1 else f"target {n + 1}"
+                rows.append(imaging.hstack([imaging.hstack(panels(s, "source")), imaging.hstack(panels(t, tag))], gap=16))
+        else:
+            for i in range(b_img):
+                rows.append(imaging.hstack(panels(i, None)))
         return io.NodeOutput(torch.stack(rows), full.reshape(-1, h, w).contiguous())
 
 

@@ -120,3 +120,28 @@ def test_sd15_full_capture_attaches_to_expected_layers(sd15_full):
     out = sample_ksampler(m, sd15_conditioning(), sd15_conditioning(seed=1), torch.zeros(1, 4, 32, 32), steps=1, cfg=1.0)
     assert torch.equal(out, plain)
     assert sum(store.counts.values()) == 16 and store.maps().shape == (1, 1, 32, 32)
+
+
+def test_both_branches_side_by_side(tiny_eps, tiny_clip, tiny_vae, encode):
+    """An edit batch (row 0 source, row 1 target): each row is read with its own prompt's token positions."""
+    from editkit.nodes.attention_control import PromptBatch, PromptToPromptNode
+    src, tgt = "a red circle on a white background", "a blue circle on a white background"
+    cond, lat = node_out(PromptBatch.execute(tiny_clip, src, tgt, 64, 64))
+    model = node_out(PromptToPromptNode.execute(tiny_eps, tiny_clip, src, tgt, "auto", 0.8, 0.4, "", "", 0.3))[0]
+    m, store = node_out(AttentionMapsCapture.execute(model, tiny_clip, src, "red, blue, circle", "all", 0.0, 1.0, tgt))
+    out = sample_ksampler(m, cond, encode(""), lat["samples"], steps=3)
+    assert store.words == ["red", "blue", "circle"] and store.pairs == [(1, 0)]
+    raw = store.raw(1)
+    assert raw.shape[:2] == (2, 3)
+    assert float(raw[0, 1].abs().max()) == 0 and float(raw[1, 0].abs().max()) == 0     # 'blue' not in the source, 'red' not in the target
+    assert raw[0, 0].std() > 0 and raw[1, 1].std() > 0 and raw[0, 2].std() > 0 and raw[1, 2].std() > 0
+    # the same word at the same position in both prompts, read from each row's own queries
+    plain_store = node_out(AttentionMapsCapture.execute(model, tiny_clip, src, "circle", "all", 0.0, 1.0))[1]
+    image = tiny_vae.decode(out)
+    grid, maps = node_out(AttentionMapsShow.execute(store, image, 0.6, "inferno"))
+    h, w = image.shape[1:3]
+    assert grid.shape == (1, h, 2 * (4 * w + 3 * 4) + 16, 3)                              # source panels | target panels
+    assert maps.shape == (6, h, w)
+    with pytest.raises(ValueError, match=r"input 'words'.*'green'.*neither"):
+        AttentionMapsCapture.execute(model, tiny_clip, src, "green", "all", 0.0, 1.0, tgt)
+    assert plain_store.words == ["circle"]
