@@ -164,7 +164,7 @@ def shape_residuals(control: dict, settings: ControlSettings, factor: float, n_i
     tensors = [t for lst in control.values() for t in lst if t is not None]
     if not tensors:
         return control
-    min_size = min(int(t.shape[-2]) for t in tensors)
+    min_size = min((int(t.shape[-2]) for t in tensors if t.ndim == 4), default=1)
     positions = residual_positions(control, n_input)
     chunks = max(len(cond_or_uncond), 1)
     out = {}
@@ -174,7 +174,14 @@ def shape_residuals(control: dict, settings: ControlSettings, factor: float, n_i
             if t is None:
                 new.append(None)
                 continue
-            w = factor * block_weight(settings, positions[(key, j)], n_input, int(t.shape[-2]), min_size)
+            spatial = t.ndim == 4
+            if not spatial and (settings.mask is not None or settings.block_weights.startswith("resolution")):
+                raise EditKitInputError(NODE, "mask" if settings.mask is not None else "block_weights",
+                                        f"this control's residuals are token sequences {tuple(t.shape)}, not feature maps",
+                                        "use masks and resolution weights with UNet ControlNets / T2I-Adapters; "
+                                        "schedules, cond-only and fusion work with every control")
+            w = factor * block_weight(settings, positions[(key, j)], n_input, int(t.shape[-2]) if spatial else 1,
+                                      min_size if spatial else 1)
             if w != 1.0:
                 t = t * w
             if settings.mask is not None:
@@ -209,7 +216,7 @@ def merge(own: dict, prev: Optional[dict], combine: str) -> dict:
             elif pv is not None:
                 if o[i] is None:
                     o[i] = pv
-                elif combine == "sum" or pv.shape != o[i].shape:
+                elif combine == "sum" or pv.shape != o[i].shape or pv.ndim != 4:
                     o[i] = pv + o[i]
                 else:
                     o[i] = torch.where(relative_std(o[i]) >= relative_std(pv), o[i], pv.to(o[i].dtype))
@@ -246,7 +253,7 @@ def _scheduled_class():
             super().__init__()
             self.inner = inner
             self.settings = settings
-            self.n_input = 12
+            self.n_input = 12              # SD1.5 until pre_run reads the model
             self.extra_hooks = getattr(inner, "extra_hooks", None)
             for attr in ("cond_hint_original", "strength", "timestep_percent_range", "compression_ratio",
                          "latent_format", "upscale_algorithm", "global_average_pooling"):
@@ -277,9 +284,12 @@ def _scheduled_class():
                 self.previous_controlnet.pre_run(model, percent_to_timestep_function)
             dm = getattr(model, "diffusion_model", None)
             blocks = getattr(dm, "input_blocks", None)
-            self.n_input = len(blocks) if blocks is not None else 12
+            self.n_input = len(blocks) if blocks is not None else None
+            if self.n_input is None and self.settings.block_weights != "uniform":
+                raise EditKitInputError(NODE, "block_weights", "per-block weights follow a UNet's blocks and this "
+                                        "model has none (a DiT)", "use block_weights = uniform with this model")
             w = self.settings.custom_weights
-            if self.settings.block_weights == "custom" and len(w) not in (1, self.n_input + 1):
+            if self.settings.block_weights == "custom" and self.n_input is not None and len(w) not in (1, self.n_input + 1):
                 raise EditKitInputError(NODE, "custom_weights", f"{len(w)} weights given, this model has "
                                         f"{self.n_input} input blocks + the middle block",
                                         f"give {self.n_input + 1} comma-separated weights (input block 0 first, "
@@ -320,7 +330,7 @@ def _scheduled_class():
             s = self.settings
             if not s.neutral or factor != 1.0:
                 cou = list(transformer_options.get("cond_or_uncond", [0] * max(batched_number, 1)))
-                own = shape_residuals(own, s, factor, self.n_input, cou)
+                own = shape_residuals(own, s, factor, self.n_input or 0, cou)
             return merge(own, prev, s.combine)
 
     _CLASS["cls"] = ScheduledControl

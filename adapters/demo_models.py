@@ -147,12 +147,12 @@ def load_controlnet(path: str, model=None):
     return comfy.controlnet.load_controlnet(path, model=model) if model is not None else comfy.controlnet.load_controlnet(path)
 
 
-def build_controlnet(unet_config: dict, seed: int = 13, dtype=torch.float32, std: float = 0.02):
+def build_controlnet(unet_config: dict, seed: int = 13, dtype=torch.float32, std: float = 0.02, ops=None):
     """A random-weight cldm.ControlNet for a UNet config (zero convs random too, so residuals are non-zero)."""
     import comfy.cldm.cldm
     import comfy.ops
     cfg = controlnet_config(unet_config)
-    model = comfy.cldm.cldm.ControlNet(**cfg, operations=comfy.ops.disable_weight_init, dtype=dtype, device="cpu")
+    model = comfy.cldm.cldm.ControlNet(**cfg, operations=ops or comfy.ops.disable_weight_init, dtype=dtype, device="cpu")
     _init(model, seed, std)
     return model, cfg
 
@@ -163,13 +163,18 @@ def make_controlnet(unet_config: dict, seed: int = 13) -> tuple[dict, dict]:
     return sd, {CONTROLNET_KEY: json.dumps(cfg)}
 
 
-def controlnet_object(unet_config: dict, seed: int = 13, dtype=torch.float32, std: float = 0.02):
-    """ComfyUI's ControlNet (CONTROL_NET) with random weights, built in memory (tests)."""
+def controlnet_object(unet_config: dict, seed: int = 13, dtype=torch.float32, std: float = 0.02, native: bool = False):
+    """ComfyUI's ControlNet (CONTROL_NET) with random weights, built in memory (tests).
+
+    native=True computes in `dtype` even where ComfyUI would up-cast (bf16 on CPU), like the full-size test UNets."""
     import comfy.controlnet
     import comfy.model_management as mm
-    model, _ = build_controlnet(unet_config, seed, dtype, std)
+    import comfy.ops
     load_device = mm.get_torch_device()
-    return comfy.controlnet.ControlNet(model, load_device=load_device, manual_cast_dtype=mm.unet_manual_cast(dtype, load_device))
+    manual_cast = None if native else mm.unet_manual_cast(dtype, load_device)
+    ops = comfy.ops.manual_cast if manual_cast is not None else comfy.ops.disable_weight_init
+    model, _ = build_controlnet(unet_config, seed, dtype, std, ops)
+    return comfy.controlnet.ControlNet(model, load_device=load_device, manual_cast_dtype=manual_cast)
 
 
 # ---------------------------------------------------------------------------------------------
