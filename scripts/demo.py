@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The workflows `make demo` runs (names in workflows/); EDITKIT_DEMO="a.json b.json" or "all" overrides.
 DEMO_WORKFLOWS = ["sdedit.json", "attention_maps.json"]
 
 
@@ -19,10 +20,13 @@ def main():
               "[demo] the images show that the graphs run end to end, not what the techniques look like.")
     ok = True
     paths = []
-    for name in DEMO_WORKFLOWS:
+    names = os.environ.get("EDITKIT_DEMO", "").split() or DEMO_WORKFLOWS
+    if names == ["all"]:
+        names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+    for name in names:
         wf = os.path.join(ROOT, "workflows", name)
         print(f"[demo] running {os.path.relpath(wf, ROOT)} ...", flush=True)
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "editkit_run.py"), wf, "--out", out],
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "editkit_run.py"), wf, "--out", out, "--quiet"],
                               capture_output=True, text=True, cwd=ROOT)
         try:
             summary = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -31,6 +35,9 @@ def main():
             ok = False
             continue
         ok &= bool(summary["success"])
+        for line in proc.stderr.splitlines():
+            if line.startswith("editkit-run:"):
+                print(f"[demo]   {line}", file=sys.stderr)
         paths += summary["outputs"]
         print(f"[demo]   {'ok' if summary['success'] else 'FAILED'} in {summary['total_time']} s")
     print("[demo] images:")
