@@ -130,17 +130,23 @@ def _sub_extra(extra: dict, cou: list, keep: Callable[[int], bool]) -> dict:
     return sub
 
 
+def _heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """q/k/v in any layout ComfyUI's attention accepts -> (B, H, L, d)."""
+    if skip_reshape:                      # (B, H, L, d)
+        return t
+    if t.ndim == 4:                       # (B, L, H, d), e.g. SD3's joint blocks
+        return t.transpose(1, 2)
+    b, l, hd = t.shape                    # (B, L, H*d)
+    return t.reshape(b, l, heads, hd // heads).transpose(1, 2)
+
+
 def _identity_attention(v: torch.Tensor, heads: int, skip_reshape: bool, skip_output_reshape: bool) -> torch.Tensor:
     """What attention returns when every query attends only to itself: its own value."""
-    if skip_reshape:                      # v: (B, H, L, d)
-        if skip_output_reshape:
-            return v
-        b, h, l, d = v.shape
-        return v.transpose(1, 2).reshape(b, l, h * d)
-    if skip_output_reshape:               # v: (B, L, H*d) -> (B, H, L, d)
-        b, l, hd = v.shape
-        return v.reshape(b, l, heads, hd // heads).transpose(1, 2)
-    return v
+    vh = _heads_first(v, heads, skip_reshape)
+    if skip_output_reshape:
+        return vh
+    b, h, l, d = vh.shape
+    return vh.transpose(1, 2).reshape(b, l, h * d)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, skip_reshape: bool,
@@ -149,13 +155,8 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, skip_reshap
 
     Softmax runs over all keys; the sum is restricted to the given query and key token ranges.
     """
-    if skip_reshape:
-        qh, kh = q.float(), k.float()
-    else:
-        b, lq, inner = q.shape
-        d = inner // heads
-        qh = q.reshape(b, lq, heads, d).transpose(1, 2).float()
-        kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
+    qh = _heads_first(q, heads, skip_reshape).float()
+    kh = _heads_first(k, heads, skip_reshape).float()
     d = qh.shape[-1]
     probs = (qh[:, :, query_slice] @ kh.transpose(-1, -2) * d ** -0.5).softmax(-1)
     return probs[..., key_slice].mean(1).sum(1)
@@ -242,13 +243,14 @@ class _DitOverride(SharedPatch):
             actions.update(self.plan.per_site.get(s, {}))
         site = sites[-1]
         cou = list(to.get("cond_or_uncond", [0]))
-        q, k, v, heads = args[0], args[1], args[2], args[3]
+        q, k, v = args[0], args[1], args[2]
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
         skip_reshape = bool(kwargs.get("skip_reshape", False))
         skip_out = bool(kwargs.get("skip_output_reshape", False))
         rec = [c for c, a in actions.items() if a == Perturb.RECORD and c in cou]
         for c in rec:
             rows = _rows(cou, lambda x, c=c: x == c, q.shape[0]).to(q.device)
-            length = q.shape[2] if skip_reshape else q.shape[1]
+            length = _heads_first(q, heads, skip_reshape).shape[2]
             img = slice(length - self.n_img, length)
             m = received_attention(q[rows], k[rows], heads, skip_reshape, img, img)
             m = m / m.mean(-1, keepdim=True).clamp_min(1e-12)   # mean 1, as self-attention maps are in a UNet

@@ -406,6 +406,38 @@ def test_pag_and_sag_on_flux_perturb_exactly_the_chosen_blocks(tiny_flux):
     assert torch.isfinite(out2).all()
 
 
+def _tiny_sd3():
+    """A 2-block SD3 MMDiT (joint attention, no block_index in transformer_options)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    from editkit.builtin_models.tiny import init_weights
+    cfg = sm.SD3({"in_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 32, "pos_embed_max_size": 16,
+                  "num_patches": 256, "pos_embed_scaling_factor": None,
+                  "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}}})
+    cfg.set_inference_dtype(torch.float32, None)
+    base = cfg.get_model({})
+    init_weights(base.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def test_pag_and_sag_on_sd3_joint_blocks():
+    model = _tiny_sd3()
+    pos, neg = flow_cond(seed=0), flow_cond(seed=1)
+    spy, seen = _spy_override(model)
+    m, calls = counting(spy)
+    shape, steps = (1, 16, 8, 8), 2
+    out = run(ek_guider(m, pos, neg, [T.PAGTerm(scale=2.0, layers="double 1")], 3.0), shape, steps=steps)
+    assert [tuple(sorted(c)) for c in calls] == [(0, 1, 2)] * steps
+    # two joint blocks per call, in order: block 0 sees the PAG chunk, block 1 (perturbed) does not
+    assert [(2 in cou, rows == len(cou)) for _, _, cou, rows in seen] == [(True, True), (False, True)] * steps
+    plain = run(core_guider(model, pos, neg, 3.0), shape, steps=steps)
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain, atol=1e-6)
+    g = ek_guider(model, pos, neg, [T.SAGTerm(scale=1.0, blur_sigma=1.0, layers="double 0")], 3.0)
+    out2 = run(g, (1, 16, 16, 16), steps=steps)
+    assert {s for st in g.stats for s, a, b in st["sites"]} == {"double 0"} and torch.isfinite(out2).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Composition with core and EditKit patches
 # ---------------------------------------------------------------------------------------------
