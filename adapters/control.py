@@ -267,6 +267,14 @@ def _scheduled_class():
             c.extra_hooks = getattr(c.inner, "extra_hooks", None)
             return c
 
+        def deepclone_multigpu(self, load_device, autoregister=False):
+            """Newer ComfyUI's multi-GPU copies: the wrapper around the inner control's device clone."""
+            c = self.copy()
+            c.inner = self.inner.deepclone_multigpu(load_device)
+            if autoregister and hasattr(self, "multigpu_clones"):
+                self.multigpu_clones[load_device] = c
+            return c
+
         def set_cond_hint(self, cond_hint, strength=1.0, timestep_percent_range=(0.0, 1.0), vae=None, extra_concat=[]):
             self.inner.set_cond_hint(cond_hint, strength, timestep_percent_range, vae=vae, extra_concat=extra_concat)
             self.cond_hint_original = cond_hint

@@ -39,6 +39,18 @@ def _read(path: str) -> tuple[dict, dict]:
     return comfy.utils.load_torch_file(path, safe_load=True), {}
 
 
+def _metadata(path: str) -> dict:
+    """The safetensors header metadata only (no tensor is read); {} for other formats."""
+    if not path.lower().endswith((".safetensors", ".sft")):
+        return {}
+    import safetensors
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # not a readable safetensors file: let ComfyUI's loader report it
+        return {}
+
+
 # ---------------------------------------------------------------------------------------------
 # CLIP vision
 # ---------------------------------------------------------------------------------------------
@@ -84,12 +96,14 @@ def clip_vision_from_state_dict(sd: dict, config: dict):
 def load_clip_vision(path: str):
     """EditKit's small CLIP vision files (config in metadata or from shapes); other files via ComfyUI."""
     import comfy.clip_vision
-    sd, meta = _read(path)
+    meta = _metadata(path)
     if CLIP_VISION_KEY in meta:
+        sd, _ = _read(path)
         return clip_vision_from_state_dict(sd, json.loads(meta[CLIP_VISION_KEY]))
     core = comfy.clip_vision.load(path)
     if core is not None:
         return core
+    sd, _ = _read(path)
     cfg = clip_vision_config_from_shapes(sd)
     if cfg is None:
         return None
@@ -141,8 +155,9 @@ def controlnet_from_state_dict(sd: dict, config: dict):
 def load_controlnet(path: str, model=None):
     """EditKit's generated ControlNets (config in metadata); any other file via ComfyUI's loader."""
     import comfy.controlnet
-    sd, meta = _read(path)
+    meta = _metadata(path)
     if CONTROLNET_KEY in meta:
+        sd, _ = _read(path)
         return controlnet_from_state_dict(sd, json.loads(meta[CONTROLNET_KEY]))
     return comfy.controlnet.load_controlnet(path, model=model) if model is not None else comfy.controlnet.load_controlnet(path)
 

@@ -240,3 +240,17 @@ def test_sd15_full_controlnet_runs_with_each_option(sd15_full):
     for out in (base, shaped, summed, fused):
         assert torch.isfinite(out).all()
     assert not torch.equal(shaped, base) and not torch.equal(fused, summed) and not torch.equal(summed, base)
+
+
+def test_controlnet_loader_hands_other_files_to_comfyui(tmp_path):
+    """A ControlNet for a UNet with 64-channel blocks and no EditKit metadata loads through ComfyUI's own loader."""
+    import comfy.controlnet
+    import comfy.utils
+    cfg = dict(TINY, model_channels=64, num_heads=1)
+    sd, meta = DM.make_controlnet(cfg, seed=2)
+    path = tmp_path / "cn.safetensors"
+    comfy.utils.save_torch_file(sd, str(path))
+    cn = DM.load_controlnet(str(path))
+    assert isinstance(cn, comfy.controlnet.ControlNet)
+    comfy.utils.save_torch_file(sd, str(path), metadata=meta)
+    assert isinstance(DM.load_controlnet(str(path)), comfy.controlnet.ControlNet)

@@ -410,3 +410,15 @@ def test_sd15_full_layer_equals_independent_computation(sd15_full):
     term = (ref - text).abs().max() / ref.abs().max()
     print(f"sd15 input 7: relative error {float(err):.4f}, image term {float(term):.4f}")
     assert err < 0.02 and err < term / 5, (err, term)
+
+
+def test_clip_vision_loader_reads_config_from_metadata_or_shapes(tmp_path):
+    import comfy.utils
+    sd, meta = DM.make_clip_vision()
+    with_meta, without = tmp_path / "with.safetensors", tmp_path / "without.safetensors"
+    comfy.utils.save_torch_file(sd, str(with_meta), metadata=meta)
+    comfy.utils.save_torch_file(sd, str(without))
+    for path in (with_meta, without):
+        cv = DM.load_clip_vision(str(path))
+        out = cv.encode_image(torch.rand(2, 64, 64, 3))
+        assert out["image_embeds"].shape == (2, 64) and out["penultimate_hidden_states"].shape == (2, 50, 64)
