@@ -276,6 +276,11 @@ class _DitOverride(SharedPatch):
         return out
 
 
+def _patch_size(model) -> int:
+    p = getattr(model.model.diffusion_model, "patch_size", 2) or 2
+    return int(p[-1] if isinstance(p, (tuple, list)) else p)
+
+
 def latent_grid(model, site: Site, latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     """Spatial grid (h, w) of a site's image tokens for a latent of size latent_hw."""
     lh, lw = latent_hw
@@ -284,7 +289,7 @@ def latent_grid(model, site: Site, latent_hw: tuple[int, int], tokens: int) -> t
         if h * w == tokens:
             return h, w
     else:
-        p = int(getattr(model.model.diffusion_model, "patch_size", 2) or 2)
+        p = _patch_size(model)
         h, w = math.ceil(lh / p), math.ceil(lw / p)
         if h * w == tokens:
             return h, w
@@ -299,7 +304,7 @@ def latent_grid(model, site: Site, latent_hw: tuple[int, int], tokens: int) -> t
 
 
 def image_tokens(model, latent_hw: tuple[int, int]) -> int:
-    p = int(getattr(model.model.diffusion_model, "patch_size", 2) or 2)
+    p = _patch_size(model)
     return math.ceil(latent_hw[0] / p) * math.ceil(latent_hw[1] / p)
 
 

@@ -15,7 +15,7 @@ Composition order within one model call (each step weighted by its term's schedu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch

@@ -12,7 +12,6 @@ import comfy.samplers
 from editkit.core import patches as P
 from editkit.core.introspect import attention_layout
 from editkit.guidance import schedules as S, terms as T
-from editkit.guidance.guider import GuidanceGuider
 from editkit.nodes import guidance as N
 from ek_helpers import flow_cond, node_out, sample_ksampler
 
