@@ -435,11 +435,7 @@ def parse(source, resolver: KeyResolver, label: str = "lora", skip_text_encoder:
                 raise LoraFormatError(label, f"LoKr module {prefix} is incomplete", list(comps.values()))
         if not need <= roles.keys():
             raise LoraFormatError(label, f"module {prefix} lacks {sorted(need - roles.keys())}", list(comps.values()))
-        if "dora_scale" in roles and kind == "lora":
-            kind_eff = "lora"
-        else:
-            kind_eff = kind
-        mod = Module(prefix, target, kind_eff, roles, resolver.shape(target))
+        mod = Module(prefix, target, kind, roles, resolver.shape(target))
         if target in modules:
             raise LoraFormatError(label, f"two modules of this LoRA patch the same weight {target}",
                                   [modules[target].prefix, prefix])

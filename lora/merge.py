@@ -43,14 +43,32 @@ CHUNK = 1 << 20        # elements per chunk of the element-wise steps (fixed: DA
 # ---------------------------------------------------------------------------------------------
 
 def topk_threshold(delta: torch.Tensor, density: float) -> Optional[float]:
-    """The k-th largest |value| for k = round(density * numel); None when nothing is kept."""
+    """The k-th largest |value| for k = round(density * numel) (exact); None when nothing is kept.
+
+    Large tensors: a strided sample brackets the threshold, one pass counts the values above the
+    bracket, and the exact k-th value is selected among the few inside it (full selection as fallback)."""
     n = delta.numel()
     k = int(round(density * n))
     if k <= 0:
         return None
     if k >= n:
         return 0.0
-    return float(delta.abs().flatten().kthvalue(n - k + 1).values)
+    a = delta.abs().reshape(-1)
+    if n > 1 << 22:
+        step = max(1, n // 65536) | 1
+        sample = a[::step].sort(descending=True).values
+        m = sample.numel()
+        pos = k / n * m
+        margin = 6.0 * (pos * (1 - k / n)) ** 0.5 + 16
+        hi_i, lo_i = int(max(0, pos - margin)), int(min(m - 1, pos + margin))
+        hi, lo = float(sample[hi_i]), float(sample[lo_i])
+        above = int((a > hi).sum()) if hi_i > 0 else 0
+        inside = (a >= lo) & (a <= hi) if hi_i > 0 else (a >= lo)
+        n_in = int(inside.sum())
+        if above < k <= above + n_in:
+            cand = a[inside]
+            return float(cand.kthvalue(n_in - (k - above) + 1).values)
+    return float(a.kthvalue(n - k + 1).values)
 
 
 def trim(delta: torch.Tensor, density: float, inplace: bool = False) -> torch.Tensor:
@@ -100,23 +118,25 @@ def dare(delta: torch.Tensor, drop_rate: float, generator: torch.Generator, inpl
 
 
 def disjoint_mean(contribs: list[torch.Tensor]) -> torch.Tensor:
-    """TIES steps 2-3 on weighted contributions c_i: elect sign(sum c_i), average the c_i that agree."""
+    """TIES steps 2-3 on weighted contributions c_i: elect g = sign(sum c_i), average the c_i that agree.
+
+    A c_i agrees where c_i * g > 0, and there c_i = g * |c_i|, so the mean is g * sum relu(c_i g) / count."""
     out = torch.zeros_like(contribs[0])
     fo = out.view(-1)
     flats = [c.reshape(-1) for c in contribs]
     for s in range(0, fo.numel(), CHUNK):
         cs = [f[s:s + CHUNK] for f in flats]
-        total = torch.zeros_like(cs[0])
+        g = torch.zeros_like(cs[0])
         for c in cs:
-            total.add_(c)
-        sign = torch.sign(total)
-        num = torch.zeros_like(total)
-        cnt = torch.zeros_like(total)
+            g.add_(c)
+        g.sign_()
+        num = torch.zeros_like(g)
+        cnt = torch.zeros_like(g)
         for c in cs:
-            agree = (torch.sign(c) == sign) & (c != 0)
-            num.add_(torch.where(agree, c, torch.zeros((), dtype=c.dtype)))
-            cnt.add_(agree.to(c.dtype))
-        fo[s:s + CHUNK] = num / cnt.clamp_min(1.0)
+            q = (c * g).clamp_min_(0.0)
+            num.add_(q)
+            cnt.add_(q > 0)
+        fo[s:s + CHUNK] = g * num / cnt.clamp_min_(1.0)
     return out
 
 
@@ -239,6 +259,14 @@ def exact_factors(a: torch.Tensor, rel_tol: float = 1e-6) -> LowRank:
 # The streaming driver
 # ---------------------------------------------------------------------------------------------
 
+class MergeError(ValueError):
+    """A weight that could not be merged; `index` is the offending LoRA when only one was involved."""
+
+    def __init__(self, index, message):
+        self.index = index
+        super().__init__(message)
+
+
 @dataclass
 class MergeParams:
     method: str = "concat"
@@ -343,7 +371,11 @@ def merge_to_file(parsed: list[ParsedLora], weights: list[float], resolver: KeyR
             parts = [(w, p.modules[t], p.source, idx) for idx, (p, w) in enumerate(zip(parsed, weights))
                      if t in p.modules and w != 0]
             if parts:
-                st, n = _merge_target(t, parts, resolver, params, writer)
+                try:
+                    st, n = _merge_target(t, parts, resolver, params, writer)
+                except ValueError as e:
+                    raise MergeError(parts[0][3] if len(parts) == 1 else None,
+                                     f"{target_key(t)}: {e}") from None
                 report.stats.append(st)
                 report.n_tensors += n
                 max_rank = max(max_rank, st.rank)

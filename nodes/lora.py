@@ -141,8 +141,9 @@ class LoraMerge(io.ComfyNode):
         try:
             report = merge.merge_to_file(parsed, [s[3] for s in sources], resolver, params, path,
                                          progress=lambda i, n: bar.update_absolute(i, n))
-        except ValueError as e:
-            raise EditKitInputError(node, "method", str(e)) from None
+        except merge.MergeError as e:
+            where = sources[e.index][0] if e.index is not None else "method"
+            raise EditKitInputError(node, where, str(e), "use LoRAs made for this model") from None
         lora = load_mapped(path)
         title = (f"{method}, energy kept {100 * report.energy_kept():.1f}%, {len(report.stats)} weights\n" +
                  ", ".join(f"{s[1]} (w={s[3]:g})" for s in sources))

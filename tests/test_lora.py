@@ -523,3 +523,63 @@ def test_streaming_writer_roundtrip_and_alignment(tmp_path):
         assert torch.equal(ref[k], v) and torch.equal(lazy[k], v) and torch.equal(mapped[k], v)
     assert st_io.read_metadata(path) == {"k": "v"}
     safetensors.torch.save_file(dict(mapped), str(tmp_path / "y.safetensors"))   # core SaveLoRA's call works
+
+
+def test_flux_merge_with_diffusers_slices(tiny_flux):
+    """Flux: kohya keys on whole weights plus diffusers q/k/v keys on slices of the fused qkv weight."""
+    import comfy.lora
+    import comfy.sd
+    r = formats.KeyResolver(tiny_flux)
+    tg = synthetic.select_targets(r, ("attn",))
+    a = synthetic.make_lora(r, tg, "kohya", rank=2, seed=71)
+    g = torch.Generator().manual_seed(72)
+    b = {"transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.randn(3, 64, generator=g),
+         "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.randn(64, 3, generator=g) * 0.01}
+    pa, pb = formats.parse(a, r, "a"), formats.parse(b, r, "b")
+    assert list(pb.modules) == [("diffusion_model.double_blocks.0.img_attn.qkv.weight", (0, 64, 64))]
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "editkit_test_flux.safetensors")
+    merge.merge_to_file([pa, pb], [1.0, 2.0], r, merge.MergeParams("concat", dtype=torch.float32), path)
+    out = st_io.load_mapped(path)
+    m2, _ = comfy.sd.load_lora_for_models(tiny_flux, None, out, 1.0, 0.0)
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    got = comfy.lora.calculate_weight(m2.patches[key], torch.zeros(r.shapes[key]), key).double()
+    want = textbook_delta(a, r.name_for(key), r.shapes[key])
+    want[64:128] += 2.0 * (b["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"].double()
+                           @ b["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"].double())
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    other = next(k for k in tg if ".single_blocks.1." in k)
+    got_o = comfy.lora.calculate_weight(m2.patches[other], torch.zeros(r.shapes[other]), other).double()
+    assert (got_o - textbook_delta(a, r.name_for(other), r.shapes[other])).abs().max() <= 1e-6 * got_o.abs().max()
+    os.remove(path)
+
+
+def test_dora_merges_as_its_effective_delta(tiny_pair, resolver, targets):
+    """A weight-dependent format (DoRA): merged as what ComfyUI's adapter does to the model's weight."""
+    import comfy.lora
+    unet = [k for k in targets if k.startswith("diffusion_model.") and len(resolver.shape(k)) == 2][:4]
+    sd = synthetic.make_lora(resolver, unet, "kohya", rank=2, seed=81)
+    g = torch.Generator().manual_seed(82)
+    for k in unet:
+        sd[f"{resolver.name_for(k)}.dora_scale"] = 1.0 + 0.1 * torch.rand(resolver.shape(k)[0], 1, generator=g)
+    parsed = formats.parse(sd, resolver, "dora")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "editkit_test_dora.safetensors")
+    merge.merge_to_file([parsed], [1.0], resolver, merge.MergeParams("concat", dtype=torch.float32), path)
+    out = st_io.load_mapped(path)
+    patches = comfy.lora.load_lora(sd, resolver.key_map, log_missing=False)
+    for k in unet:
+        w = resolver.weight(k).float()
+        want = comfy.lora.calculate_weight([(1.0, patches[k], 1.0, None, None)], w.clone(), k) - w
+        got = merged_delta(out, resolver, k)
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max())), k
+    os.remove(path)
+
+
+def test_topk_threshold_is_exact_on_large_tensors():
+    g = torch.Generator().manual_seed(5)
+    big = (torch.randn(1280, 40, generator=g) @ torch.randn(40, 3600, generator=g))   # low-rank, 4.6M values
+    big[0, :100] = 0.0
+    n = big.numel()
+    for density in (0.01, 0.2, 0.5, 0.97, 1.0 - 1.0 / n):
+        k = int(round(density * n))
+        want = float(big.abs().flatten().kthvalue(n - k + 1).values)
+        assert merge.topk_threshold(big, density) == want, density
