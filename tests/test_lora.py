@@ -583,3 +583,39 @@ def test_topk_threshold_is_exact_on_large_tensors():
         k = int(round(density * n))
         want = float(big.abs().flatten().kthvalue(n - k + 1).values)
         assert merge.topk_threshold(big, density) == want, density
+
+
+def _meta_sd3():
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    cfg = sm.SD3({"in_channels": 16, "patch_size": 2, "depth": 3, "adm_in_channels": 32, "pos_embed_max_size": 16,
+                  "num_patches": 256, "pos_embed_scaling_factor": None,
+                  "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 192}}})
+    cfg.set_inference_dtype(torch.float32, None)
+    base = cfg.get_model({}, device=torch.device("meta"))
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def test_sd3_joint_blocks(lora_dir):
+    model = _meta_sd3()
+    r = formats.KeyResolver(model)
+    lay = blocks.layout(model)
+    assert lay.forms()["dit"] == ["BASE", "D00", "D01", "D02"]
+    tg = synthetic.select_targets(r, ("attn",))
+    kohya = synthetic.make_lora(r, tg, "kohya", rank=2, seed=91)
+    assert any(k.startswith("lora_unet_joint_blocks_1_") for k in kohya)
+    g = torch.Generator().manual_seed(92)
+    diffusers = {"transformer.transformer_blocks.2.attn.to_v.lora_A.weight": torch.randn(2, 192, generator=g),
+                 "transformer.transformer_blocks.2.attn.to_v.lora_B.weight": torch.randn(192, 2, generator=g)}
+    parsed = formats.parse(diffusers, r, "d")
+    (target,) = parsed.modules
+    assert target[0] == "diffusion_model.joint_blocks.2.x_block.attn.qkv.weight" and target[1] == (0, 384, 192)
+    write(lora_dir, "sd3_kohya.safetensors", kohya)
+    m2, _, text = node_out(LoraBlockWeight.execute(model=model, lora_name="sd3_kohya.safetensors", strength_model=1.0,
+                                                   strength_clip=1.0, preset="custom", block_weights="D00=0, D02=0.5"))
+    for k in tg:
+        unit = blocks.unit_of(k)
+        if unit == "D00":
+            assert k not in m2.patches
+        elif unit in ("D01", "D02"):
+            assert [p[0] for p in m2.patches[k]] == [1.0 if unit == "D01" else 0.5], k

@@ -96,7 +96,7 @@ def test_ties_merge_on_full_layout_loads(fam, family_cache, loras_dir):
     """An element-wise method on the full layout: every key merged, re-ranked, loadable by core LoraLoader."""
     import nodes
     model, clip, r = family(family_cache, fam)
-    targets = synthetic.select_targets(r, ("attn",))[::6]          # a spread of real keys of every block
+    targets = synthetic.select_targets(r, ("attn",))[::25]         # a spread of real keys of every block
     a = synthetic.make_lora(r, targets, "kohya", rank=4, seed=7)
     b = synthetic.make_lora(r, targets, "loha", rank=2, seed=8)
     st_io.save(a, os.path.join(loras_dir, f"{fam}_t_a.safetensors"))
@@ -104,11 +104,14 @@ def test_ties_merge_on_full_layout_loads(fam, family_cache, loras_dir):
     merged, img, summary = node_out(LoraMerge.execute(
         model=model, clip=clip, method="ties", rank=4, density=0.3, drop_rate=0.5, seed=0, dtype="fp16",
         lora_1=f"{fam}_t_a.safetensors", weight_1=1.0, lora_2=f"{fam}_t_b.safetensors", weight_2=1.0))
-    assert img.shape[2] > 300 and "MID" in summary
+    assert img.shape[2] > 300 and len(summary.splitlines()) > 3
     (saved,) = node_out(LoraSave.execute(lora=merged, filename_prefix=f"ties_{fam}"))
     m2, _ = nodes.LoraLoader().load_lora(model, clip, saved, 1.0, 1.0)
     assert set(targets) <= set(m2.patches)
     for key in _sample(targets, 6):
+        name = r.name_for(key)
+        up, down = merged[f"{name}.lora_up.weight"], merged[f"{name}.lora_down.weight"]
+        assert up.shape[1] == down.shape[0] == 4                      # re-ranked to `rank`
         got = _patched_delta(m2, key, r.shape(key))
-        assert torch.linalg.matrix_rank(got.reshape(got.shape[0], -1).float()) <= 4
-        assert float(got.abs().max()) > 0
+        want = (up.double().flatten(1) @ down.double().flatten(1)).reshape(got.shape)
+        assert float(got.abs().max()) > 0 and (got - want).abs().max() <= 1e-6 * want.abs().max()
