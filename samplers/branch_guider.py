@@ -204,6 +204,7 @@ class BranchGuider(comfy.samplers.CFGGuider):
         CFGGuider.sample (models loaded, conds processed, wrappers active); returns the program's
         result after process_latent_out."""
         zeros = torch.zeros(shape, dtype=dtype)
+        self.evaluations = 0
         return self.sample(zeros, zeros, _ProgramSampler(program), sigmas.clone(), disable_pbar=True, seed=seed)
 
 

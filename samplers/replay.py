@@ -101,6 +101,7 @@ def replay(guider: BranchGuider, inv: EditKitInversion, k0: int, model_options: 
            output: str = "target", source_only: bool = False) -> torch.Tensor:
     """Run the edit from step k0; returns the target (or source + target) latent in sampler space."""
     dev = guider.model_patcher.load_device
+    guider.evaluations = 0          # per-run counters (the guider object may be reused by ComfyUI's cache)
     sig = inv.sigmas.to(dev)
     n = inv.steps
     total = n - k0
