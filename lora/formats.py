@@ -140,10 +140,13 @@ class KeyResolver:
         """The model's current weight for a target (narrowed for offset targets)."""
         key = target_key(target)
         if key in self.clip_keys:
-            sd = self.clip.cond_stage_model.state_dict()
+            patcher, sd = self.clip.patcher, self.clip.cond_stage_model.state_dict()
         else:
-            sd = self.model.model.state_dict()
-        w = sd[key]
+            patcher, sd = self.model, self.model.model.state_dict()
+        # The module is shared by every clone: if one of them is patched right now, its backup holds
+        # the original weight.
+        saved = getattr(patcher, "backup", {}).get(key)
+        w = saved[0] if saved is not None else sd[key]
         if w.device.type == "meta":
             raise ValueError(f"{key}: the model has no weights loaded (meta device)")
         if isinstance(target, tuple) and target[1] is not None:

@@ -562,6 +562,17 @@ def test_dora_merges_as_its_effective_delta(tiny_pair, resolver, targets):
     for k in unet:
         sd[f"{resolver.name_for(k)}.dora_scale"] = 1.0 + 0.1 * torch.rand(resolver.shape(k)[0], 1, generator=g)
     parsed = formats.parse(sd, resolver, "dora")
+    original = {k: resolver.weight(k).clone() for k in unet}
+    # another clone of the same model is loaded with a LoRA: the shared module holds patched weights now
+    import comfy.model_management
+    import comfy.sd
+    busy, _ = comfy.sd.load_lora_for_models(tiny_pair[0], None, synthetic.make_lora(resolver, unet, "kohya", seed=83), 1.0, 0)
+    comfy.model_management.load_models_gpu([busy])
+    try:
+        assert not torch.equal(tiny_pair[0].model.state_dict()[unet[0]], original[unet[0]])
+        assert all(torch.equal(resolver.weight(k), original[k]) for k in unet)   # merges read the unpatched weight
+    finally:
+        busy.unpatch_model()
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "editkit_test_dora.safetensors")
     merge.merge_to_file([parsed], [1.0], resolver, merge.MergeParams("concat", dtype=torch.float32), path)
     out = st_io.load_mapped(path)
