@@ -68,6 +68,80 @@ for _s, _o in ((0.5, 10), (0.7, 11), (0.85, 12)):
     register(f"SDEdit (t0={_s})", order=_o)(sdedit(_s))
 
 
+# ---------------------------------------------------------------------------------------------
+# Inversion (+ attention control) techniques, run through their nodes as a workflow wires them:
+# invert -> [attention control] -> EditKit Inversion Sampler -> SamplerCustomAdvanced.
+
+call = editbench.call_node
+
+
+def _has(*node_ids):
+    def check():
+        import nodes
+        return all(n in nodes.NODE_CLASS_MAPPINGS for n in node_ids)
+    return check
+
+
+def changed_words(source: str, target: str) -> list[str]:
+    a, b = source.split(), target.split()
+    if len(a) == len(b):
+        pairs = [(x, y) for x, y in zip(a, b) if x != y]
+        return [x for x, _ in pairs] + [y for _, y in pairs]
+    return sorted(set(a) ^ set(b))
+
+
+def _invert(kind, ctx, case, latent):
+    src, neg = ctx.encode(case.source_prompt), ctx.encode("")
+    if kind == "ddim":
+        return call("EditKitInvert", model=ctx.model, latent=latent, positive=src, cfg=1.0, steps=ctx.steps,
+                    fixed_point_iterations=0)[1]
+    if kind == "direct":
+        inv = call("EditKitInvert", model=ctx.model, latent=latent, positive=src, cfg=1.0, steps=ctx.steps,
+                   fixed_point_iterations=0)[1]
+        return call("EditKitDirectInversion", inversion=inv)[0]
+    if kind == "nti":
+        with torch.inference_mode(False):
+            return call("EditKitNullTextInversion", model=ctx.model, latent=latent, positive=src, negative=neg,
+                        cfg=ctx.cfg, steps=ctx.steps)[1]
+    if kind == "npi":
+        return call("EditKitNegativePromptInversion", model=ctx.model, latent=latent, positive=src, steps=ctx.steps)[1]
+    if kind == "ddpm":
+        return call("EditKitDDPMInversion", model=ctx.model, latent=latent, positive=src, negative=neg, cfg=ctx.cfg,
+                    steps=ctx.steps, skip=round(ctx.steps * 18 / 50), seed=case.seed)[1]
+    raise ValueError(kind)
+
+
+def inversion_edit(kind: str, control: str | None = None):
+    def run(ctx, case, target_prompt):
+        latent = {"samples": ctx.latent(case.source_image())}
+        inv = _invert(kind, ctx, case, latent)
+        model = ctx.model
+        if control == "p2p":
+            words = changed_words(case.source_prompt, target_prompt)
+            model = call("EditKitPromptToPrompt", model=ctx.model, clip=ctx.clip, source_prompt=case.source_prompt,
+                         target_prompt=target_prompt, local_blend_words=", ".join(words))[0]
+        noise, guider, sampler, sigmas, lat = call("EditKitInversionSampler", model=model, inversion=inv,
+                                                   positive=ctx.encode(target_prompt), negative=ctx.encode(""),
+                                                   cfg=ctx.cfg, output="source + target" if control else "target")
+        out = call("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas, latent_image=lat)[0]
+        return ctx.decode(out["samples"][-1:])
+    return run
+
+
+_INVERSION_NODES = {"ddim": ("EditKitInvert",), "direct": ("EditKitInvert", "EditKitDirectInversion"),
+                    "nti": ("EditKitNullTextInversion",), "npi": ("EditKitNegativePromptInversion",),
+                    "ddpm": ("EditKitDDPMInversion",)}
+for _order, (_kind, _control, _label) in enumerate((
+        ("ddim", None, "DDIM inversion, prompt swap"),
+        ("ddpm", None, "DDPM (edit-friendly) inversion, prompt swap"),
+        ("ddim", "p2p", "DDIM inversion + Prompt-to-Prompt"),
+        ("nti", "p2p", "Null-text inversion + Prompt-to-Prompt"),
+        ("npi", "p2p", "Negative-prompt inversion + Prompt-to-Prompt"),
+        ("direct", "p2p", "Direct inversion + Prompt-to-Prompt"))):
+    _nodes = _INVERSION_NODES[_kind] + ("EditKitInversionSampler",) + (("EditKitPromptToPrompt",) if _control else ())
+    register(_label, order=20 + _order, available=_has(*_nodes))(inversion_edit(_kind, _control))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Edit-quality benchmark on the toy model.")
     p.add_argument("--cases", type=int, default=24, help="number of edit cases (2/3 colour, 1/3 shape)")

@@ -34,10 +34,12 @@ PHASES = ["vae", "latents", "unet", "export", "eval", "card"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", default="all", help="all, or one of " + ", ".join(PHASES))
+    p.add_argument("--phase", default="all", help="all, or a comma-separated list of " + ", ".join(PHASES))
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "toy-train"))
     p.add_argument("--out", default=os.path.join(ROOT, "models", "toy"))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (at most this many)")
+    p.add_argument("--adaptive-threads", action="store_true",
+                   help="drop to 1 thread while the machine is busy (1-minute load average), back to --threads when idle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-batch", type=int, default=24)
@@ -100,6 +102,16 @@ class State:
     def add_wall(self, phase, seconds):
         self.data["wall"][phase] = self.data["wall"].get(phase, 0.0) + seconds
         self.save()
+
+
+def adapt_threads(a):
+    """Two threads on a core another process is using are far slower than one (environment.md §7)."""
+    import torch
+    busy = os.getloadavg()[0] > torch.get_num_threads() + 0.6
+    want = 1 if busy else a.threads
+    if want != torch.get_num_threads():
+        torch.set_num_threads(want)
+        log(f"threads -> {want} (load {os.getloadavg()[0]:.1f})")
 
 
 def save_ckpt(path, obj):
@@ -211,6 +223,8 @@ def phase_vae(a, st):
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         opt.step()
         step += 1
+        if a.adaptive_threads and step % 25 == 0:
+            adapt_threads(a)
         hist.append((l1.item(), mse.item(), kl.item()))
         if step % 50 == 0 or step == a.vae_steps:
             m = np.mean(hist, axis=0)
@@ -402,6 +416,8 @@ def phase_unet(a, st):
                     if v.is_floating_point():
                         ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
         hist.append(loss_each.mean().item())
+        if a.adaptive_threads and step % 25 == 0:
+            adapt_threads(a)
         if step % 50 == 0 or step == a.unet_steps:
             now = time.time()
             log(f"unet step {step}/{a.unet_steps} loss {np.mean(hist):.4f} lr {opt.param_groups[0]['lr']:.2e} "
@@ -589,7 +605,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(a.threads)
     st = State(os.path.join(a.workdir, "state.json"))
-    phases = PHASES if a.phase == "all" else [a.phase]
+    phases = PHASES if a.phase == "all" else a.phase.split(",")
     fns = {"vae": phase_vae, "latents": phase_latents, "unet": phase_unet, "export": phase_export,
            "eval": phase_eval, "card": phase_card}
     for ph in phases:

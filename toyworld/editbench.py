@@ -117,6 +117,21 @@ class EditContext:
 Runner = Callable[[EditContext, EditCase, str], torch.Tensor]
 
 
+def call_node(node_id: str, **inputs):
+    """Run one node (core or EditKit, V1 or V3) by its id as the executor would, with its widget defaults for
+    the required inputs not given; returns its output tuple."""
+    import nodes
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    for name, value in (cls.INPUT_TYPES().get("required") or {}).items():
+        opts = value[1] if len(value) > 1 and isinstance(value[1], dict) else {}
+        if name not in inputs and "default" in opts:
+            inputs[name] = opts["default"]
+    if hasattr(cls, "GET_SCHEMA"):        # V3 node
+        out = cls.execute(**inputs)
+        return tuple(out.result if hasattr(out, "result") else out)
+    return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
+
+
 @dataclass
 class Technique:
     name: str
@@ -216,3 +231,18 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def measure_edit(source, edited, target_caption: str, dilate: int = 3) -> dict:
+    """Edit metrics without ground truth (e.g. a demo edit of a generated image): the checker reads the
+    edited image against the target caption; preservation is the PSNR outside the objects the checker
+    finds in either image (dilated)."""
+    v = checker.check(edited, target_caption)
+    src_reading = checker.read(source)
+    region = np.zeros(checker._to_numpy(source).shape[:2], bool)
+    for o in src_reading.objects + v.reading.objects:
+        region |= o.mask
+    keep = ~evaluate.dilate(region, dilate)
+    return {"success": bool(v.ok), "colour_ok": v.colors_ok, "shape_ok": v.shapes_ok, "background_ok": v.background_ok,
+            "source_objects": src_reading.names(), "edited_objects": v.reading.names(),
+            "preserve_psnr": evaluate.psnr(edited, source, keep)}
