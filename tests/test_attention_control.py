@@ -76,8 +76,10 @@ def find_tech(m, cls=Technique):
         objs += list(to.get("patches_replace", {}).get(kind, {}).values())
     for o in objs:
         while o is not None:
-            if isinstance(getattr(o, "tech", None), cls):
-                return o.tech
+            tech = getattr(o, "tech", None)
+            # compare by name: `from editkit.x import C` can bind a second copy of a module not yet imported by the pack
+            if tech is not None and cls.__name__ in {c.__name__ for c in type(tech).__mro__}:
+                return tech
             o = getattr(o, "prev", None)
     raise AssertionError("no technique installed")
 
