@@ -157,7 +157,7 @@ class Rows:
 _BIAS_PAD = 8
 
 
-def _bias_augment(q, k, v, bias, heads_dim_last: bool):
+def _bias_augment(q, k, v, bias, heads_dim_last: bool, scale=None):
     """Append channels so that ComfyUI's attention computes softmax(q k^T / sqrt(d) + bias_j) v exactly.
 
     q, k, v are (B, L, H, d) views. bias is (B or 1, Lk), added to the logits of key j. The extra
@@ -165,8 +165,10 @@ def _bias_augment(q, k, v, bias, heads_dim_last: bool):
     """
     d = q.shape[-1]
     dp = d + _BIAS_PAD
-    alpha = math.sqrt(dp / d)
-    beta = math.sqrt(dp)
+    if scale is None:           # the kernel scales by 1/sqrt(head size) of the padded heads
+        alpha, beta = math.sqrt(dp / d), math.sqrt(dp)
+    else:                       # an explicit softmax scale (ComfyUI >= 0.38 may pass one)
+        alpha, beta = 1.0, 1.0 / scale
     b, lk = k.shape[0], k.shape[1]
     bias = bias.to(device=k.device, dtype=k.dtype).expand(b, lk)
     qa = torch.zeros(q.shape[:-1] + (dp,), device=q.device, dtype=q.dtype)
@@ -201,7 +203,7 @@ def attend_dit(call: Call, q, k, v, bias: Optional[torch.Tensor] = None):
         return call.func(q, k, v, call.heads, **kwargs)
     d = q.shape[-1]
     t = lambda x: x.transpose(1, 2)  # (B, L, H, d)
-    qa, ka, va, _ = _bias_augment(t(q), t(k), t(v), bias, True)
+    qa, ka, va, _ = _bias_augment(t(q), t(k), t(v), bias, True, kwargs.get("scale"))
     kwargs["skip_output_reshape"] = True
     out = call.func(t(qa), t(ka), t(va), call.heads, **kwargs)   # (B, H, L, d + pad)
     out = out[..., :d]
@@ -211,11 +213,10 @@ def attend_dit(call: Call, q, k, v, bias: Optional[torch.Tensor] = None):
 
 
 def _dit_rows_format(call: Call, x: torch.Tensor) -> torch.Tensor:
-    """Convert (B, L, heads*d) DiT inputs to (B, heads, L, d) (SD3 passes them unreshaped)."""
+    """Convert DiT inputs that are not already (B, heads, L, d) (SD3 passes them unreshaped)."""
     if call.kwargs.get("skip_reshape"):
         return x
-    b, l, inner = x.shape
-    return x.reshape(b, l, call.heads, inner // call.heads).transpose(1, 2)
+    return x.reshape(x.shape[0], x.shape[1], call.heads, -1).transpose(1, 2)   # (B, L, H*d) or SD3's (B, L, H, d) values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +368,7 @@ class _DitOverride(SharedPatch):
         q, k, v = args[0], args[1], args[2]
         skip = kwargs.get("skip_reshape", False)
         lq = q.shape[2] if skip else q.shape[1]
-        if lq == dc.txt + dc.img and dc.txt > 0:
+        if lq >= dc.txt + dc.img and dc.txt > 0:     # extra tokens after the image (Flux Kontext references) stay untouched
             kind = "joint"
             bt, bi = to.get("block_type"), to.get("block_index")
             if bt is not None and bi is not None:

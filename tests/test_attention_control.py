@@ -557,8 +557,9 @@ class OverrideSpy:
         def fn(func, *args, **kwargs):
             out = prev(func, *args, **kwargs) if prev is not None else func(*args, **kwargs)
             to = kwargs.get("transformer_options", {})
+            from editkit.attention.controller import step_of
             self.calls.append(dict(q=args[0].clone(), k=args[1].clone(), v=args[2].clone(), out=out.clone(),
-                                   block=(to.get("block_type"), to.get("block_index"))))
+                                   block=(to.get("block_type"), to.get("block_index")), step=step_of(to)[0]))
             return out
         fn.prev = prev
         return fn
@@ -653,3 +654,65 @@ def test_flux_prompt_to_prompt_and_maps(flux_attn, tiny_clip):
     torch.testing.assert_close(r.out.double(), exp, atol=2e-5, rtol=1e-4)
     assert tech.blend.raw(1) is not None and tech.last_mask is not None and tech.last_mask.shape == (2, 1, 8, 8)
     assert tech.blend.raw(1).shape[-2:] == (4, 4)                                    # the Flux token grid (8x8 latent / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3 (MMDiT): joint attention without block indices, heads passed by keyword, plus x-block self-attention
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    """A 3-block MMDiT (SD3 config class, hidden 192, 3 heads, with SD3.5's extra image self-attention in every block)."""
+    import comfy.supported_models
+    from editkit.builtin_models.tiny import _patcher, init_weights
+    cfg = comfy.supported_models.SD3(dict(in_channels=16, patch_size=2, depth=3, num_patches=256, pos_embed_max_size=16,
+                                          adm_in_channels=32, qk_norm="rms", x_block_self_attn=True,
+                                          context_embedder_config={"target": "torch.nn.Linear",
+                                                                   "params": {"in_features": 32, "out_features": 192}}))
+    cfg.set_inference_dtype(torch.float32, None)
+    base = cfg.get_model({})
+    init_weights(base.diffusion_model, 0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():   # pos_embed is a torch.empty buffer, which init_weights (parameters only) leaves as is
+        for _, buf in base.diffusion_model.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
+    return _patcher(base)
+
+
+def _sd3_run(model, steps=3):
+    import nodes
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(2, 77, 32, generator=g), {"pooled_output": torch.randn(2, 32, generator=g)}]]
+    lat = {"samples": torch.zeros(2, 16, 8, 8), "batch_index": [0, 0]}
+    return nodes.common_ksampler(model, 1, steps, 1.0, "euler", "simple", cond, cond, lat)[0]["samples"]
+
+
+def test_sd3_masactrl_style_reference_p2p_through_the_override(tiny_sd3, tiny_clip):
+    from editkit.core.introspect import model_family
+    assert model_family(tiny_sd3) == "sd3"
+    plain = _sd3_run(tiny_sd3)
+    base = tiny_sd3.clone()
+    spy = OverrideSpy(base)
+    m = node_out(MasaCtrlNode.execute(base, 1, 1, -1, "", 0.1))[0]
+    out = _sd3_run(m)
+    assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
+    tech = find_tech(m)
+    assert tech.applied == {1: {1, 2}, 2: {1, 2}}         # layers from the call order (SD3 sets no block index)
+    kinds = {"joint": 0, "image": 0}
+    for c in [c for c in spy.calls if c["step"] >= 1]:
+        k = c["k"] if c["k"].ndim == 4 else c["k"].reshape(2, c["k"].shape[1], 3, -1).transpose(1, 2)
+        v = c["v"] if c["v"].ndim == 4 else c["v"].reshape(2, c["v"].shape[1], 3, -1).transpose(1, 2)
+        if k.shape[2] == 77 + 16 and torch.equal(k[1, :, 77:], k[0, :, 77:]):
+            assert torch.equal(v[1, :, 77:], v[0, :, 77:]) and not torch.equal(k[1, :, :77], k[0, :, :77])
+            kinds["joint"] += 1
+        elif k.shape[2] == 16 and torch.equal(k[1], k[0]) and torch.equal(v[1], v[0]):
+            kinds["image"] += 1
+    assert kinds == {"joint": 4, "image": 4}               # layers 1-2 at steps 1-2, joint and image self-attention
+    for node, args in ((StyleAlignedNode, (tiny_sd3, True, True, False, False, 0, -1, 0.0, 1.0, 0.0)),
+                       (ReferenceAttentionNode, (tiny_sd3, 1.5, 0.0, 1.0, 0, -1, False)),
+                       (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 1.0, 0.0, "", "circle", 0.3))):
+        m = node_out(node.execute(*args))[0]
+        out = _sd3_run(m)
+        assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
+        assert {k[-1] if isinstance(k, tuple) else k for k in find_tech(m).applied} == {0, 1, 2}
