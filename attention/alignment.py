@@ -20,7 +20,7 @@ import re
 import torch
 
 from ..core.errors import EditKitInputError
-from ..core.introspect import FLUX, SD3
+from ..core.introspect import FLUX
 
 
 def _stream_key(tokens: dict, family: str) -> str:

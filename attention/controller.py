@@ -157,7 +157,7 @@ class Rows:
 _BIAS_PAD = 8
 
 
-def _bias_augment(q, k, v, bias, heads_dim_last: bool, scale=None):
+def _bias_augment(q, k, v, bias, scale=None):
     """Append channels so that ComfyUI's attention computes softmax(q k^T / sqrt(d) + bias_j) v exactly.
 
     q, k, v are (B, L, H, d) views. bias is (B or 1, Lk), added to the logits of key j. The extra
@@ -190,7 +190,7 @@ def attend(q, k, v, extra: dict, bias: Optional[torch.Tensor] = None):
     b, lq, inner = q.shape
     d = inner // heads
     qa, ka, va, _ = _bias_augment(q.reshape(b, lq, heads, d), k.reshape(b, k.shape[1], heads, d),
-                                  v.reshape(b, v.shape[1], heads, d), bias, False)
+                                  v.reshape(b, v.shape[1], heads, d), bias)
     out = default_attention(qa.reshape(b, lq, -1), ka.reshape(b, k.shape[1], -1), va.reshape(b, v.shape[1], -1), extra)
     return out.reshape(b, lq, heads, d + _BIAS_PAD)[..., :d].reshape(b, lq, inner)
 
@@ -203,7 +203,7 @@ def attend_dit(call: Call, q, k, v, bias: Optional[torch.Tensor] = None):
         return call.func(q, k, v, call.heads, **kwargs)
     d = q.shape[-1]
     t = lambda x: x.transpose(1, 2)  # (B, L, H, d)
-    qa, ka, va, _ = _bias_augment(t(q), t(k), t(v), bias, True, kwargs.get("scale"))
+    qa, ka, va, _ = _bias_augment(t(q), t(k), t(v), bias, kwargs.get("scale"))
     kwargs["skip_output_reshape"] = True
     out = call.func(t(qa), t(ka), t(va), call.heads, **kwargs)   # (B, H, L, d + pad)
     out = out[..., :d]

@@ -19,7 +19,6 @@ DiTs (SD3, Flux): the same on the image tokens of the joint attention.
 from __future__ import annotations
 
 import math
-import threading
 from typing import Optional
 
 import torch

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from editkit.attention import alignment
-from editkit.attention.controller import Replace, Rows, Technique, adain, branch_layout, install
+from editkit.attention.controller import Rows, Technique, adain, branch_layout
 from editkit.attention.prompt_to_prompt import PromptToPrompt, make_plan
 from editkit.core.introspect import attention_layout
 from editkit.core.patches import default_attention
 from editkit.nodes.attention_control import (MasaCtrlNode, PlugAndPlayNode, PromptBatch, PromptToPromptNode,
                                              ReferenceAttentionNode, StyleAlignedNode, encode_batch)
-from ek_helpers import node_out, sample_ksampler
+from ek_helpers import node_out
 
 SRC = "a red circle on a white background"
 TGT = "a blue circle on a white background"
