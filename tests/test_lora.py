@@ -215,7 +215,7 @@ def test_svd_rerank_error_is_the_singular_value_tail():
         tail = s[k:].pow(2).sum()
         assert float(err) == pytest.approx(float(tail), rel=1e-4, abs=1e-6 * float(s[0] ** 2))
         assert lr.kept == pytest.approx(float(s[:k].pow(2).sum()), rel=1e-6)
-        dn = merge.svd_dense(full.float(), k)           # the Gram-eigen path used after TIES/DARE
+        dn = merge.svd_dense(full.float(), k, exact=True)   # the Gram-eigen route of the element-wise methods
         err_d = ((dn.up.double() @ dn.down.double()) - full).pow(2).sum()
         assert float(err_d) == pytest.approx(float(tail), rel=2e-3, abs=1e-5 * float(s[0] ** 2))
 
@@ -237,6 +237,21 @@ def test_svd_merge_is_best_rank_k_of_the_weighted_sum(resolver, targets):
         assert float(err) == pytest.approx(float(s[3:].pow(2).sum()), rel=1e-3, abs=1e-9 * float(s[0] ** 2))
     assert 0 < rep.energy_kept() < 1
     os.remove(path)
+
+
+def test_randomized_rerank_is_near_optimal_and_deterministic():
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(400, 8, generator=g) @ torch.randn(8, 1500, generator=g) for _ in range(3)]
+    merged = merge.combine_dense(deltas, [1.0, 0.8, 0.6], "ties", density=0.5)     # full rank, slowly decaying
+    s = torch.linalg.svdvals(merged.double())
+    fast = merge.svd_dense(merged, 16)
+    assert fast.up.shape == (400, 16) and fast.down.shape == (16, 1500)
+    err = float(((fast.up.double() @ fast.down.double()) - merged.double()).pow(2).sum())
+    opt = float(s[16:].pow(2).sum())
+    assert opt <= err <= 1.02 * opt
+    assert fast.kept == pytest.approx(fast.energy - err, rel=1e-4)
+    again = merge.svd_dense(merged, 16)
+    assert torch.equal(fast.up, again.up) and torch.equal(fast.down, again.down)
 
 
 def _hand_deltas():
@@ -328,7 +343,7 @@ def test_merge_node_methods_end_to_end(tiny_pair, lora_dir, resolver, targets):
         expect = merge.combine_dense([da.clone().reshape(shape[0], -1), db.clone().reshape(shape[0], -1)], [1.0, 0.6],
                                      method, density=0.4, drop_rate=0.3, generators=gens)
         k = 8      # rank 0 = the inputs' largest rank: kohya 4; LoKr kron(4x4 full, rank 2) = 8
-        best = merge.svd_dense(expect, k, exact=True)
+        best = merge.svd_dense(expect, k, exact="lapack")
         got = merged_delta(lora, resolver, key).reshape(shape[0], -1)
         want = best.up @ best.down
         assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()) + 1e-7), method

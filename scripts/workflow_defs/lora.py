@@ -10,7 +10,7 @@ def lora_merge():
     ld = model_loader(b)
     merge = b.add("EditKitLoraMerge", (380, 40), title="Merge two LoRAs (TIES)", method="ties",
                   lora_1=STYLE, weight_1=1.0, lora_2=DETAIL, weight_2=0.8, lora_3="None", weight_3=1.0,
-                  lora_4="None", weight_4=1.0, rank=8, density=0.5, drop_rate=0.5, seed=0, dtype="fp16",
+                  lora_4="None", weight_4=1.0, rank=8, density=0.5, drop_rate=0.5, seed=0, dtype="fp16", exact_svd=False,
                   weight_a=1.0, weight_b=1.0, size=(340, 470))
     b.connect(ld.out("model"), merge, "model")
     b.connect(ld.out("clip"), merge, "clip")
