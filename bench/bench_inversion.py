@@ -1,7 +1,7 @@
 """Inversion suite: model calls (NFE), wall time relative to plain sampling with the same steps on the
 same model, and memory of the stored trajectory, per method.
 
-Model: the tiny UNet at a 64x64 latent by default (about a minute, median of 3 interleaved repeats);
+Model: the tiny UNet at a 48x48 latent by default (about a minute, median of 5 interleaved repeats);
 EDITKIT_BENCH_INVERSION=sd15 uses the full-size SD1.5 UNet architecture (random weights, bf16, 32x32
 latent, 3 steps; several minutes on a CPU, EDITKIT_BENCH_REPEATS=1 by default there).
 Null-text inversion's iteration count needs a model whose null text can actually be fitted (random
@@ -16,7 +16,7 @@ import torch
 from common import interleaved, sd15
 
 MODEL = os.environ.get("EDITKIT_BENCH_INVERSION", "tiny")
-REPEATS = int(os.environ.get("EDITKIT_BENCH_REPEATS", "1" if MODEL == "sd15" else "3"))
+REPEATS = int(os.environ.get("EDITKIT_BENCH_REPEATS", "1" if MODEL == "sd15" else "5"))
 TITLE = "Inversion suite: NFE, time vs plain sampling (same steps, same model), trajectory memory"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,9 +62,9 @@ def _models():
     if MODEL != "sd15":
         clip = tiny.tiny_clip()
         return (tiny.tiny_unet(tiny.EPS), tiny.encode(clip, "a red circle"), tiny.encode(clip, ""),
-                tiny.encode(clip, "a blue square"), 64, 6, "tiny UNet, 64x64 latent, fp32")
+                tiny.encode(clip, "a blue square"), 48, 10, "tiny UNet, 48x48 latent, fp32, 10 steps")
     return (sd15(), sd15_conditioning(), sd15_conditioning(seed=1), sd15_conditioning(seed=2), 32, 3,
-            "SD1.5 architecture, random weights, bf16, 32x32 latent")
+            "SD1.5 architecture, random weights, bf16, 32x32 latent, 3 steps")
 
 
 def run():
