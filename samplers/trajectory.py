@@ -81,6 +81,10 @@ class EditKitInversion:
     Source branch + target branch layout (contract with the attention-control nodes): the sampler
     evaluates both branches in one batch: every cond_or_uncond chunk of size 2B holds the source batch
     first, then the target batch, and transformer_options["editkit_branches"] == ("source", "target").
+    The source branch uses `positive` / `negative` / `cfg` above (NPI: no guidance; NTI: the step's null
+    embedding as its unconditional context); when it is unguided its rows of an unconditional chunk carry
+    its own prompt as a placeholder (that output is not used). The target branch uses the sampler's prompt,
+    negative (default: the source negative; NPI: the source prompt; NTI: the null embeddings) and cfg.
     """
     method: str
     sigmas: torch.Tensor
