@@ -382,7 +382,8 @@ def merge_to_file(parsed: list[ParsedLora], weights: list[float], resolver: KeyR
             "editkit.sources": json.dumps([p.label for p in parsed]),
             "editkit.weights": json.dumps([float(w) for w in weights]),
             "editkit.params": json.dumps({"density": params.density, "drop_rate": params.drop_rate,
-                                          "seed": params.seed, "dtype": str(params.dtype).replace("torch.", "")}),
+                                          "seed": params.seed, "dtype": str(params.dtype).replace("torch.", ""),
+                                          "exact_svd": params.exact_svd}),
             "ss_network_module": "networks.lora"}
     meta.update(metadata or {})
     writer = StreamWriter(path, meta)
