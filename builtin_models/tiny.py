@@ -19,8 +19,8 @@ def init_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> t
         for name, p in module.named_parameters():
             if p.ndim >= 2:
                 p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
-            elif name.endswith("weight"):
-                p.fill_(1.0)
+            elif name.endswith("weight") or name.endswith("scale"):
+                p.fill_(1.0)  # norm gains (LayerNorm/GroupNorm weight, Flux RMSNorm scale)
             else:
                 p.zero_()
     return module

@@ -38,31 +38,16 @@ def _alias(module) -> None:
             sys.modules["editkit" + key[len(name):]] = mod
 
 
-class _AliasFinder:
-    """Submodules imported later as editkit.x resolve to the module ComfyUI's name would give."""
-
-    def __init__(self, real_name: str):
-        self.real = real_name
-
-    def find_spec(self, fullname, path=None, target=None):
-        if not fullname.startswith("editkit."):
-            return None
-        import importlib
-        real = self.real + fullname[len("editkit"):]
-        mod = importlib.import_module(real)
-        sys.modules[fullname] = mod
-        return importlib.util.spec_from_loader(fullname, _Existing(mod))
-
-
-class _Existing:
-    def __init__(self, mod):
-        self.mod = mod
-
-    def create_module(self, spec):
-        return self.mod
-
-    def exec_module(self, module):
-        pass
+def _import_all(module) -> None:
+    """Import every submodule of the pack under ComfyUI's name for it, so the `editkit` aliases cover
+    them all (a later `import editkit.x` must find the very module the nodes use, not a second copy)."""
+    import importlib
+    import pkgutil
+    for info in pkgutil.walk_packages(module.__path__, module.__name__ + "."):
+        try:
+            importlib.import_module(info.name)
+        except Exception as e:  # an optional dependency missing must not stop tests of the rest
+            logging.warning("EditKit: could not import %s: %s", info.name, e)
 
 
 def boot(threads: int | None = None, sdpa: bool = True, base_dir: str | None = None, quiet: bool = True,
@@ -123,8 +108,8 @@ def load(cdir: str | None = None):
     if not asyncio.run(nodes.load_custom_node(path)):
         raise RuntimeError(f"ComfyUI failed to load EditKit from {path} (see the log above)")
     module = sys.modules[path.replace(".", "_x_")]
+    _import_all(module)
     _alias(module)
-    sys.meta_path.insert(0, _AliasFinder(module.__name__))
     _STATE.update(editkit=module, nodes=nodes)
     if _STATE.get("assets", True):
         # Model files the shipped workflows name (random weights, see runner/assets.py).
