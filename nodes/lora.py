@@ -232,13 +232,12 @@ class LoraSave(io.ComfyNode):
             node_id="EditKitLoraSave",
             display_name="LoRA Save",
             category="EditKit/lora",
-            description="Write a LORA_MODEL (e.g. a merge) as safetensors into output/loras/ with its merge metadata "
-                        "(sources, weights, method, rank). The folder is added to ComfyUI's loras search paths, so "
-                        "Load LoRA lists the file after a refresh.",
+            description="Write a LORA_MODEL (e.g. a merge) as safetensors into ComfyUI's loras folder (subfolder "
+                        "editkit/) with its merge metadata (sources, weights, method, rank); Load LoRA lists it after a refresh.",
             inputs=[
                 LoraModel.Input("lora", tooltip="The LoRA to save."),
                 io.String.Input("filename_prefix", default="editkit_merged",
-                                tooltip="File name prefix inside output/loras/ (a counter is appended)."),
+                                tooltip="File name prefix inside models/loras/editkit/ (a counter is appended)."),
             ],
             outputs=[io.String.Output("lora_name", display_name="lora_name",
                                       tooltip="The saved file's name as Load LoRA lists it.")],
@@ -251,17 +250,16 @@ class LoraSave(io.ComfyNode):
         node = "EditKitLoraSave"
         require(len(lora) > 0, node, "lora", "the LoRA is empty")
         prefix = (filename_prefix or "editkit_merged").strip().lstrip("/\\")
-        out_dir = folder_paths.get_output_directory()
-        loras_dir = os.path.join(out_dir, "loras")
+        # The first loras folder is where Load LoRA looks by default (models/loras, or extra_model_paths' default).
+        loras_dir = folder_paths.get_folder_paths("loras")[0]
         try:
-            folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(os.path.join("loras", prefix), out_dir)
+            folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(os.path.join("editkit", prefix), loras_dir)
         except Exception as e:
             raise EditKitInputError(node, "filename_prefix", str(e), "use a plain file name") from None
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
         meta = dict(getattr(lora, "info", None) or {})
         st_io.save(lora, path, meta)
-        folder_paths.add_model_folder_path("loras", loras_dir)
         name = os.path.relpath(path, loras_dir).replace(os.sep, "/")
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved loras/{name}"))
 

@@ -31,7 +31,8 @@ def register(models_dir: str) -> None:
     for name in sorted(os.listdir(models_dir)):
         path = os.path.join(models_dir, name)
         if os.path.isdir(path):
-            folder_paths.add_model_folder_path(name, path)
+            # First in the list, so files a workflow saves (e.g. a merged LoRA) land in the run's folder.
+            folder_paths.add_model_folder_path(name, path, is_default=True)
 
 
 def prepare(models_dir: str) -> list[str]:

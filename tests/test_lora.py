@@ -366,7 +366,8 @@ def test_save_then_core_loraloader_patches_the_expected_weights(lora_dir, resolv
                                             weight_1=1.0, lora_2="s_b.safetensors", weight_2=0.25))
     res = LoraSave.execute(lora=lora, filename_prefix="editkit_test_merged")
     (name,) = node_out(res)
-    path = os.path.join(folder_paths.get_output_directory(), "loras", name)
+    path = folder_paths.get_full_path("loras", name)
+    assert name.startswith("editkit/") and path.startswith(folder_paths.get_folder_paths("loras")[0])
     meta = st_io.read_metadata(path)
     assert meta["editkit.method"] == "concat" and "s_a.safetensors" in meta["editkit.sources"]
     assert meta["editkit.weights"] == "[1.0, 0.25]"
