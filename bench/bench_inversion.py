@@ -6,7 +6,7 @@ EDITKIT_BENCH_INVERSION=sd15 uses the full-size SD1.5 UNet architecture (random 
 latent, 3 steps; several minutes on a CPU, EDITKIT_BENCH_REPEATS=1 by default there).
 Null-text inversion's iteration count needs a model whose null text can actually be fitted (random
 weights cannot: their prediction hardly depends on the text), so its early-stopping row runs the paper's
-50 steps x 10 iterations on the analytic denoiser of the tests (tests/test_inversion_helpers.py).
+50 steps x 10 iterations on the analytic denoiser of the tests (tests/ek_inversion_helpers.py).
 """
 import os
 import sys
@@ -151,7 +151,7 @@ def run():
     # ... and early stopping at the paper's settings on a model whose null text can be fitted
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
     from editkit.builtin_models import tiny
-    from test_inversion_helpers import analytic_model
+    from ek_inversion_helpers import analytic_model
     clip = tiny.tiny_clip()
     am = analytic_model(tiny.tiny_unet(tiny.EPS))
     apos, aneg = tiny.encode(clip, "a red circle on a white background"), tiny.encode(clip, "")
@@ -163,7 +163,7 @@ def run():
     rows.append({"method": "NTI early stopping (50 steps x 10 it., paper settings)", "NFE (calls)": nti.stats["nfe"],
                  "plain NFE": 50, "batch rows": "-", "time ratio": "-", "goal": "well under 500 iterations",
                  "met": "yes" if used <= 0.5 * budget else "NO", "trajectory": f"{nti.nbytes / 1024:.1f} KiB",
-                 "note": f"{used}/{budget} iterations used (analytic denoiser, tests/test_inversion_helpers.py)"})
+                 "note": f"{used}/{budget} iterations used (analytic denoiser, tests/ek_inversion_helpers.py)"})
     for r in rows:
         r["model"] = label if "analytic" not in r["note"] else "analytic denoiser, 8x8"
     return rows

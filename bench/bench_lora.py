@@ -23,6 +23,7 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SLOW = True  # several minutes: three SDXL-layout LoRAs per method
 TITLE = "LoRA merge: three SDXL-layout rank-32 LoRAs, per method (CPU, streaming, one thread)"
 RANK = 32
 N_LORAS = 3

@@ -1,7 +1,9 @@
-"""Run the benchmarks: `make bench` (all) or `make bench BENCH_ARGS="import attention_maps"`.
+"""Run the benchmarks: `make bench` (all but the long ones), `make bench BENCH_ARGS="import lora"`
+(named ones) or `make bench BENCH_ARGS=all`.
 
-Each bench/bench_<name>.py defines TITLE and run() -> list of row dicts; rows are printed as
-Markdown tables and saved to bench/results/latest.json.
+Each bench/bench_<name>.py defines TITLE and run() -> list of row dicts (SLOW = True keeps a long
+one out of the default set); rows are printed as Markdown tables and merged into
+bench/results/latest.json.
 """
 import importlib
 import json
@@ -17,7 +19,9 @@ from common import boot, print_table  # noqa: E402
 
 def main(argv):
     names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([HERE]) if m.name.startswith("bench_"))
-    wanted = [n for n in names if not argv or n in argv]
+    everything = argv == ["all"]
+    argv = [] if everything else argv
+    wanted = [n for n in names if n in argv or (not argv and (everything or not _is_slow(n)))]
     unknown = set(argv) - set(names)
     if unknown:
         raise SystemExit(f"unknown benchmarks {sorted(unknown)}; available: {names}")
@@ -29,9 +33,26 @@ def main(argv):
         results[name] = rows
         print_table(mod.TITLE, rows)
         sys.stdout.flush()
+    skipped = [n for n in names if n not in wanted and not argv]
+    if skipped:
+        print(f"\n(skipped long benchmarks {skipped}: run `make bench BENCH_ARGS=\"{' '.join(skipped)}\"` or BENCH_ARGS=all)")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "latest.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    path = os.path.join(HERE, "results", "latest.json")
+    previous = {}
+    if os.path.exists(path):
+        try:
+            previous = json.load(open(path))
+        except ValueError:
+            previous = {}
+    with open(path, "w") as f:
+        json.dump({**previous, **results}, f, indent=1)
+
+
+def _is_slow(name: str) -> bool:
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, f"bench_{name}.py")).read())
+    return any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "SLOW" for t in n.targets)
+               and getattr(n.value, "value", False) is True for n in tree.body)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 branch contract of EditKitInversionSampler, reconstruction metrics, and the full-size SD1.5 layout path.
 
 Monotonicity is asserted on the random tiny v-pred and flow UNets (where it holds) and on an analytic
-denoiser wrapped as a ComfyUI model for all three parameterizations (test_inversion_helpers): the random
+denoiser wrapped as a ComfyUI model for all three parameterizations (ek_inversion_helpers): the random
 EPS UNet amplifies input changes at high noise by orders of magnitude, so DDIM inversion on it is neither
 accurate nor monotone in the number of steps (its error is 20-50 in latent units whatever the steps).
 """
@@ -20,7 +20,7 @@ from editkit.samplers.branch_guider import BRANCH_KEY, prox
 from editkit.samplers.inversion import invert
 from editkit.samplers.replay import reconstruct
 from editkit.samplers.trajectory import EditKitInversion
-from test_inversion_helpers import analytic_model, edit, latent, node_out, sampler_space_error
+from ek_inversion_helpers import analytic_model, edit, latent, node_out, sampler_space_error
 
 SOURCE, TARGET = "a red circle on a white background", "a blue square on a black background"
 

@@ -7,7 +7,7 @@ import torch
 
 from editkit.nodes.inversion import DDPMInversion, DirectInversion, EDICT, Invert
 from editkit.samplers.replay import reconstruct
-from test_inversion_helpers import edit, latent, node_out, sampler_space_error
+from ek_inversion_helpers import edit, latent, node_out, sampler_space_error
 
 TOL = 1e-4
 SOURCE, TARGET = "a red circle on a white background", "a blue square on a black background"

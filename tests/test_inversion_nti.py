@@ -1,7 +1,7 @@
 """Null-text inversion: CFG 7.5 sampling with the optimised null embeddings retraces the inversion, the
 gradient runs outside inference mode on a weight-wrapped clone, and the user's model is untouched.
 
-The >= 10x claim is asserted on the analytic denoiser (test_inversion_helpers): on the random tiny UNets
+The >= 10x claim is asserted on the analytic denoiser (ek_inversion_helpers): on the random tiny UNets
 the text context barely moves the prediction (cond - uncond ~ 1e-3), so no null embedding can steer them;
 there the test checks that the optimisation runs through the real UNet and lowers its loss.
 """
@@ -13,7 +13,7 @@ from editkit.core import denoiser as D
 from editkit.nodes.inversion import Invert, NullTextInversion
 from editkit.samplers.inversion import invert
 from editkit.samplers.replay import reconstruct
-from test_inversion_helpers import analytic_model, edit, latent, node_out, sampler_space_error
+from ek_inversion_helpers import analytic_model, edit, latent, node_out, sampler_space_error
 
 SOURCE = "a red circle on a white background"
 

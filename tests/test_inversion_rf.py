@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editkit.nodes.inversion import Invert, RFInversion
-from test_inversion_helpers import edit, latent, node_out, sampler_space_error
+from ek_inversion_helpers import edit, latent, node_out, sampler_space_error
 
 SOURCE, TARGET = "a red circle on a white background", "a blue square on a black background"
 
