@@ -20,26 +20,7 @@ import re
 import torch
 
 from ..core.errors import EditKitInputError
-from ..core.introspect import FLUX
-
-
-def _stream_key(tokens: dict, family: str) -> str:
-    if family == FLUX and "t5xxl" in tokens:
-        return "t5xxl"
-    for key in ("l", "g", "t5xxl"):
-        if key in tokens:
-            return key
-    return next(iter(tokens))
-
-
-def _sub(clip, key):
-    tok = clip.tokenizer
-    return getattr(tok, f"clip_{key}", None) or getattr(tok, key, None)
-
-
-def _ids(clip, text: str, key: str) -> list:
-    toks = clip.tokenize(text)
-    return [t[0] if not isinstance(t[0], torch.Tensor) else -1 for batch in toks[key] for t in batch]
+from ..core.tokens import stream_key as _stream_key, sub_tokenizer as _sub, token_ids as _ids
 
 
 class Tokens:
@@ -49,7 +30,7 @@ class Tokens:
         toks = clip.tokenize(prompt)
         self.key = _stream_key(toks, family)
         self.prompt = prompt
-        self.ids = [t[0] if not isinstance(t[0], torch.Tensor) else -1 for batch in toks[self.key] for t in batch]
+        self.ids = _ids(clip, prompt, self.key)
         sub = _sub(clip, self.key)
         self.start = getattr(sub, "start_token", None) if getattr(sub, "start_token", None) is not None and getattr(sub, "has_start_token", True) else None
         self.specials = {getattr(sub, a, None) for a in ("start_token", "end_token", "pad_token")} - {None}

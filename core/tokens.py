@@ -15,34 +15,42 @@ def split_words(text: str) -> list[str]:
     return [w.strip() for w in re.split(r"[,\n]", text or "") if w.strip()]
 
 
-def _encoder_key(tokens: dict) -> str:
-    # The keys of clip.tokenize(): SD1 {"l"}, SDXL {"g","l"} (same positions), Flux {"l","t5xxl"}.
+def stream_key(tokens: dict, family: str | None = None) -> str:
+    """Which tokenizer stream the model's context is built from (keys of clip.tokenize()).
+
+    SD1 {"l"}, SDXL {"g","l"} (same positions), SD3 {"l","g","t5xxl"} (CLIP first in the context),
+    Flux {"l","t5xxl"} (the context is T5 alone).
+    """
+    if family == "flux" and "t5xxl" in tokens:
+        return "t5xxl"
     for key in ("l", "g", "t5xxl"):
         if key in tokens:
             return key
     return next(iter(tokens))
 
 
-def _sub_tokenizer(clip, key):
+def sub_tokenizer(clip, key):
     tok = clip.tokenizer
     return getattr(tok, f"clip_{key}", None) or getattr(tok, key, None)
 
 
-def _ids(clip, text: str, key: str) -> list[int]:
+def token_ids(clip, text: str, key: str) -> list:
+    """Token ids of one stream, flattened over 77-token chunks (embedding tensors, if any, as -1)."""
+    import torch
     toks = clip.tokenize(text)
-    return [t[0] for batch in toks[key] for t in batch]
+    return [t[0] if not isinstance(t[0], torch.Tensor) else -1 for batch in toks[key] for t in batch]
 
 
 def token_positions(clip, prompt: str, words: list[str], node: str, input_name: str = "words") -> dict[str, list[int]]:
     """Map each word (or phrase) to every position of its tokens in the tokenized prompt."""
     toks = clip.tokenize(prompt)
-    key = _encoder_key(toks)
-    seq = [t[0] for batch in toks[key] for t in batch]
-    sub = _sub_tokenizer(clip, key)
+    key = stream_key(toks)
+    seq = token_ids(clip, prompt, key)
+    sub = sub_tokenizer(clip, key)
     specials = {getattr(sub, a, None) for a in ("start_token", "end_token", "pad_token")} - {None}
     out: dict[str, list[int]] = {}
     for word in words:
-        wid = [t for t in _ids(clip, word, key) if t not in specials and not isinstance(t, (list, tuple))]
+        wid = [t for t in token_ids(clip, word, key) if t not in specials]
         if not wid:
             raise EditKitInputError(node, input_name, f"'{word}' has no tokens", "remove it or use a real word")
         n, pos = len(wid), []
