@@ -126,3 +126,12 @@ def test_edit_cases_are_fixed_and_valid():
         assert s.success and s.preserve_psnr == float("inf") and s.recon_psnr == float("inf")
         # and the unedited source fails
         assert not editbench.score_case(c, None, torch.from_numpy(c.source.render()), 1.0).success
+
+
+def test_measure_edit_without_ground_truth():
+    c = editbench.edit_cases(1, 0)[0]
+    src, tgt = c.source.render(), c.target.render()
+    m = editbench.measure_edit(src, tgt, c.target_prompt)
+    assert m["success"] and m["preserve_psnr"] == float("inf")
+    assert m["edited_objects"] == [f"{c.target.objects[0].color} {c.target.objects[0].shape}"]
+    assert not editbench.measure_edit(src, src, c.target_prompt)["success"]
