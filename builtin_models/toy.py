@@ -143,6 +143,7 @@ def save_toy(path: str, unet_sd: dict, clip_sd: dict, vae_sd: dict, meta: dict, 
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
     os.replace(tmp, path)
+    os.chmod(path, 0o644)
     return os.path.getsize(path)
 
 
