@@ -11,10 +11,29 @@ from ..core.errors import EditKitInputError
 NODE = "EditKitToyModelLoader"
 
 
+def _folder_paths_files() -> list[str]:
+    """Files in ComfyUI's "toy" model folder, when one is registered (e.g. by EditKit's demo setup)."""
+    import folder_paths
+    if "toy" not in folder_paths.folder_names_and_paths:
+        return []
+    return [f for f in folder_paths.get_filename_list("toy") if f.endswith(".safetensors")]
+
+
 def weight_files() -> list[str]:
     d = os.path.dirname(toy.DEFAULT_PATH)
-    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors")) if os.path.isdir(d) else []
-    return files or [os.path.basename(toy.DEFAULT_PATH)]
+    files = set(f for f in os.listdir(d) if f.endswith(".safetensors")) if os.path.isdir(d) else set()
+    files |= set(_folder_paths_files())
+    return sorted(files) or [os.path.basename(toy.DEFAULT_PATH)]
+
+
+def resolve(name: str) -> str | None:
+    path = os.path.join(os.path.dirname(toy.DEFAULT_PATH), os.path.basename(name))
+    if os.path.isfile(path):
+        return path
+    if name in _folder_paths_files():
+        import folder_paths
+        return folder_paths.get_full_path("toy", name)
+    return None
 
 
 class ToyModelLoader(io.ComfyNode):
@@ -30,7 +49,8 @@ class ToyModelLoader(io.ComfyNode):
                         "empty latent. Real edits and measurable results with no download.",
             inputs=[
                 io.Combo.Input("weights", options=weight_files(), default=weight_files()[0],
-                               tooltip="Weights file in EditKit's models/toy/ folder (toy.safetensors is the shipped model)."),
+                               tooltip="Weights file in EditKit's models/toy/ folder (toy.safetensors is the shipped model) "
+                                       "or in a 'toy' model folder registered with ComfyUI."),
             ],
             outputs=[io.Model.Output("model", display_name="model"), io.Clip.Output("clip", display_name="clip"),
                      io.Vae.Output("vae", display_name="vae")],
@@ -38,10 +58,10 @@ class ToyModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, weights) -> io.NodeOutput:
-        path = os.path.join(os.path.dirname(toy.DEFAULT_PATH), os.path.basename(weights))
-        if not os.path.isfile(path):
-            raise EditKitInputError(NODE, "weights", f"{path} does not exist",
-                                    "restore models/toy/ from git or run `make toy-model`")
+        path = resolve(weights)
+        if path is None:
+            raise EditKitInputError(NODE, "weights", f"no file {weights!r} in EditKit's models/toy/ or ComfyUI's toy "
+                                    "model folder", "restore models/toy/ from git or run `make toy-model`")
         model, clip, vae = toy.load_toy(path)
         return io.NodeOutput(model, clip, vae)
 

@@ -4,7 +4,7 @@ import nodes  # ComfyUI's (the builder runs after boot)
 from editkit.runner.uibuild import WorkflowBuilder
 
 # The model every shipped workflow runs on: the best one the repository has.
-MODEL_LOADER = ("EditKitTinyModelLoader", {"parameterization": "eps", "seed": 0})
+MODEL_LOADER = ("EditKitToyModelLoader", {"weights": "toy.safetensors"})
 SOURCE_PROMPT = "a red circle on a white background"
 EDIT_PROMPT = "a blue circle on a white background"
 
