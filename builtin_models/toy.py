@@ -83,7 +83,8 @@ def _config_class(latent_format):
 
 
 def build_unet(latent_stats: dict | None = None, seed: int = 0, dtype=torch.float32, config: dict | None = None):
-    """The toy UNet as a ModelPatcher with seeded initial weights (std 0.02, zeroed output convs)."""
+    """The toy UNet as a ModelPatcher with seeded placeholder weights (tiny.init_weights; scripts/train_toy.py
+    re-initialises them for training)."""
     stats = latent_stats or {"scale": 1.0, "shift": [0.0] * 4}
     fmt = _latent_format_class(stats["scale"], stats["shift"], stats.get("rgb_factors"), stats.get("rgb_bias"))
     cfg = _config_class(fmt)(dict(config or UNET_CONFIG))

@@ -40,8 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=os.path.join(ROOT, ".cache", "toy-train"))
     p.add_argument("--out", default=os.path.join(ROOT, "models", "toy"))
     p.add_argument("--threads", type=int, default=2, help="torch threads (at most this many)")
-    p.add_argument("--adaptive-threads", action="store_true",
-                   help="drop to 1 thread while the machine is busy (1-minute load average), back to --threads when idle")
+    p.add_argument("--fixed-threads", dest="adaptive_threads", action="store_false",
+                   help="always use --threads (default: drop to 1 thread while the 1-minute load average says the "
+                        "machine is busy, back to --threads when idle)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=24)
