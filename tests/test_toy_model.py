@@ -101,3 +101,17 @@ def test_loader_in_a_workflow(run_workflow, output_dir):
     img = result.output("6")
     assert img.shape == (1, 128, 128, 3)
     assert checker.read(img[0]).background == "yellow"
+
+
+def test_latent_preview_colours(toy_model):
+    """The declared latent -> RGB factors give ComfyUI's live previews roughly the scene's colours."""
+    import latent_preview
+    model, _, vae = toy_model
+    fmt = model.model.latent_format
+    previewer = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)
+    for bg in ("red", "blue", "yellow"):
+        scene = world.Scene(bg, (world.ToyObject("circle", "white", 40, 40, 48),))
+        z = model.model.process_latent_in(vae.encode(torch.from_numpy(scene.render())[None]))
+        preview = np.asarray(previewer.decode_latent_to_preview(z)).astype(np.float32) / 255.0
+        corner = preview[1:4, 1:4].reshape(-1, 3).mean(0)          # a linear map: approximate colours
+        assert np.linalg.norm(corner - world.color_rgb(bg)) < 0.4, (bg, corner)
