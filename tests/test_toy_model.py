@@ -76,10 +76,11 @@ def test_vae_round_trip_is_faithful(toy_model):
 
 
 def test_red_circle_txt2img(toy_model):
-    """6 sampling steps over 8 seeds: a red object in >= 6 images."""
+    """6 sampling steps over 8 seeds: a red object in >= 6 images. CFG 3: at so few steps a higher guidance
+    overshoots at the large noise levels (MODEL_CARD.md, sampling settings)."""
     model, clip, vae = toy_model
     prompt = "a red circle on a white background"
-    imgs = evaluate.txt2img(model, clip, vae, [prompt] * 8, list(range(8)), steps=6, cfg=5.0, sampler="euler")
+    imgs = evaluate.txt2img(model, clip, vae, [prompt] * 8, list(range(8)), steps=6, cfg=3.0, sampler="euler")
     red = [any(o.color == "red" for o in checker.read(imgs[i]).objects) for i in range(8)]
     assert sum(red) >= 6, red
 

@@ -40,7 +40,8 @@ def txt2img(model, clip, vae, prompts: list[str], seeds: list[int], steps: int =
         neg = encode_batch(clip, [negative] * len(ps))
         noise = seed_noise(lat_shape, ss)
         latent = torch.zeros_like(noise)
-        samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, disable_pbar=True)
+        samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, disable_pbar=True,
+                                      seed=int(ss[0]))
         out.append(vae.decode(samples).float().cpu())
     return torch.cat(out)
 
