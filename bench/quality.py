@@ -82,14 +82,6 @@ def _has(*node_ids):
     return check
 
 
-def changed_words(source: str, target: str) -> list[str]:
-    a, b = source.split(), target.split()
-    if len(a) == len(b):
-        pairs = [(x, y) for x, y in zip(a, b) if x != y]
-        return [x for x, _ in pairs] + [y for _, y in pairs]
-    return sorted(set(a) ^ set(b))
-
-
 def _invert(kind, ctx, case, latent):
     src, neg = ctx.encode(case.source_prompt), ctx.encode("")
     if kind == "ddim":
@@ -117,7 +109,7 @@ def inversion_edit(kind: str, control: str | None = None):
         inv = _invert(kind, ctx, case, latent)
         model = ctx.model
         if control == "p2p":
-            words = changed_words(case.source_prompt, target_prompt)
+            words = editbench.changed_words(case.source_prompt, target_prompt)
             model = call("EditKitPromptToPrompt", model=ctx.model, clip=ctx.clip, source_prompt=case.source_prompt,
                          target_prompt=target_prompt, local_blend_words=", ".join(words))[0]
         noise, guider, sampler, sigmas, lat = call("EditKitInversionSampler", model=model, inversion=inv,

@@ -116,3 +116,12 @@ def test_latent_preview_colours(toy_model):
         preview = np.asarray(previewer.decode_latent_to_preview(z)).astype(np.float32) / 255.0
         corner = preview[1:4, 1:4].reshape(-1, 3).mean(0)          # a linear map: approximate colours
         assert np.linalg.norm(corner - world.color_rgb(bg)) < 0.4, (bg, corner)
+
+
+def test_demo_edit(toy_model, tmp_path):
+    """The demo's colour swap on a generated scene: the checker reads the target colour, the rest is kept."""
+    from editkit.toyworld import demo
+    r = demo.run(str(tmp_path), steps=12, model_triple=toy_model)
+    assert os.path.isfile(r["grid"]) and (r["attention"] is None or os.path.isfile(r["attention"]))
+    assert r["metrics"]["success"], r["metrics"]
+    assert r["metrics"]["preserve_psnr"] > 22

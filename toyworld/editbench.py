@@ -117,6 +117,16 @@ class EditContext:
 Runner = Callable[[EditContext, EditCase, str], torch.Tensor]
 
 
+def changed_words(source: str, target: str) -> list[str]:
+    """Words that differ between two prompts (word swap: both sides; otherwise the symmetric difference),
+    e.g. for Prompt-to-Prompt's local blend."""
+    a, b = source.split(), target.split()
+    if len(a) == len(b):
+        pairs = [(x, y) for x, y in zip(a, b) if x != y]
+        return [x for x, _ in pairs] + [y for _, y in pairs]
+    return sorted(set(a) ^ set(b))
+
+
 def call_node(node_id: str, **inputs):
     """Run one node (core or EditKit, V1 or V3) by its id as the executor would, with its widget defaults for
     the required inputs not given; returns its output tuple."""
