@@ -88,6 +88,40 @@ def tiny_flux(seed: int = 0, dtype=torch.float32):
     return _patcher(base)
 
 
+def tiny_sd3(seed: int = 0, depth: int = 2, dtype=torch.float32, x_block_self_attn: bool = False, qk_norm=None,
+             device=None):
+    """A tiny SD3 MMDiT (joint attention; 16 latent channels, patch 2, hidden 64 x depth, 2 x depth heads).
+
+    `x_block_self_attn` adds SD3.5's extra image self-attention to every block; `device="meta"` builds
+    the layout without weights (for key-mapping tests). pos_embed is a torch.empty buffer that
+    init_weights (parameters only) would leave as is, so buffers are filled from the seed too.
+    """
+    import comfy.supported_models
+    hidden = 64 * depth
+    unet_config = dict(in_channels=16, patch_size=2, depth=depth, num_patches=256, pos_embed_max_size=16,
+                       adm_in_channels=CONTEXT_DIM, pos_embed_scaling_factor=None,
+                       context_embedder_config={"target": "torch.nn.Linear",
+                                                "params": {"in_features": CONTEXT_DIM, "out_features": hidden}})
+    if x_block_self_attn:
+        unet_config["x_block_self_attn"] = True
+    if qk_norm:
+        unet_config["qk_norm"] = qk_norm
+    cfg = comfy.supported_models.SD3(unet_config)
+    cfg.set_inference_dtype(dtype, None)
+    if device is not None:
+        import comfy.model_patcher
+        base = cfg.get_model({}, device=torch.device(device))
+        return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    base = cfg.get_model({})
+    init_weights(base.diffusion_model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, buf in base.diffusion_model.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_((torch.randn(buf.shape, generator=g) * 0.02).to(buf.dtype))
+    return _patcher(base)
+
+
 def tiny_vae(seed: int = 1):
     """An AutoencoderKL with the standard 8x downscale and 4 latent channels, 32 base channels."""
     import logging

@@ -663,21 +663,8 @@ def test_flux_prompt_to_prompt_and_maps(flux_attn, tiny_clip):
 @pytest.fixture(scope="module")
 def tiny_sd3():
     """A 3-block MMDiT (SD3 config class, hidden 192, 3 heads, with SD3.5's extra image self-attention in every block)."""
-    import comfy.supported_models
-    from editkit.builtin_models.tiny import _patcher, init_weights
-    cfg = comfy.supported_models.SD3(dict(in_channels=16, patch_size=2, depth=3, num_patches=256, pos_embed_max_size=16,
-                                          adm_in_channels=32, qk_norm="rms", x_block_self_attn=True,
-                                          context_embedder_config={"target": "torch.nn.Linear",
-                                                                   "params": {"in_features": 32, "out_features": 192}}))
-    cfg.set_inference_dtype(torch.float32, None)
-    base = cfg.get_model({})
-    init_weights(base.diffusion_model, 0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():   # pos_embed is a torch.empty buffer, which init_weights (parameters only) leaves as is
-        for _, buf in base.diffusion_model.named_buffers():
-            if buf.is_floating_point():
-                buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
-    return _patcher(base)
+    from editkit.builtin_models.tiny import tiny_sd3 as build
+    return build(seed=0, depth=3, x_block_self_attn=True, qk_norm="rms")
 
 
 def _sd3_run(model, steps=3):

@@ -407,17 +407,8 @@ def test_pag_and_sag_on_flux_perturb_exactly_the_chosen_blocks(tiny_flux):
 
 def _tiny_sd3():
     """A 2-block SD3 MMDiT (joint attention, no block_index in transformer_options)."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    from editkit.builtin_models.tiny import init_weights
-    cfg = sm.SD3({"in_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 32, "pos_embed_max_size": 16,
-                  "num_patches": 256, "pos_embed_scaling_factor": None,
-                  "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}}})
-    cfg.set_inference_dtype(torch.float32, None)
-    base = cfg.get_model({})
-    init_weights(base.diffusion_model, 0)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    from editkit.builtin_models.tiny import tiny_sd3
+    return tiny_sd3(seed=0, depth=2)
 
 
 def test_pag_and_sag_on_sd3_joint_blocks():

@@ -28,6 +28,13 @@ def test_tiny_flux_layout(tiny_flux):
                                                           ("single_block", 0), ("single_block", 1)]
 
 
+def test_tiny_sd3_family_and_layout():
+    from editkit.builtin_models.tiny import tiny_sd3
+    m = tiny_sd3(depth=3)
+    assert (I.architecture(m), I.model_family(m), I.parameterization(m)) == ("mmdit", I.SD3, I.FLOW)
+    assert [(b.kind, b.index) for b in I.attention_layout(m).dit_blocks] == [("double_block", i) for i in range(3)]
+
+
 def test_require_architecture_names_the_input(tiny_flux):
     with pytest.raises(ValueError, match=r"EditKitX: input 'model'.*Flux"):
         I.require_architecture(tiny_flux, {"unet"}, "EditKitX")

@@ -613,14 +613,8 @@ def test_topk_threshold_is_exact_on_large_tensors():
 
 
 def _meta_sd3():
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    cfg = sm.SD3({"in_channels": 16, "patch_size": 2, "depth": 3, "adm_in_channels": 32, "pos_embed_max_size": 16,
-                  "num_patches": 256, "pos_embed_scaling_factor": None,
-                  "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 192}}})
-    cfg.set_inference_dtype(torch.float32, None)
-    base = cfg.get_model({}, device=torch.device("meta"))
-    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    from editkit.builtin_models.tiny import tiny_sd3
+    return tiny_sd3(depth=3, device="meta")
 
 
 def test_sd3_joint_blocks(lora_dir):
