@@ -94,7 +94,7 @@ def _invert(kind, ctx, case, latent):
     if kind == "nti":
         with torch.inference_mode(False):
             return call("EditKitNullTextInversion", model=ctx.model, latent=latent, positive=src, negative=neg,
-                        cfg=ctx.cfg, steps=ctx.steps)[1]
+                        cfg=ctx.cfg, steps=ctx.steps, learning_rate=0.05)[1]   # 64-d text embeddings: see the tooltip
     if kind == "npi":
         return call("EditKitNegativePromptInversion", model=ctx.model, latent=latent, positive=src, steps=ctx.steps)[1]
     if kind == "ddpm":

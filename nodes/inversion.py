@@ -175,7 +175,10 @@ class NullTextInversion(io.ComfyNode):
                     io.Int.Input("inner_iterations", default=10, min=0, max=100,
                                  tooltip="Adam iterations per step at most (the paper's N = 10)."),
                     io.Float.Input("learning_rate", default=0.01, min=0.0, max=1.0, step=0.001, round=1e-6,
-                                   tooltip="Adam learning rate at the first step; scaled by (1 - step/100)."),
+                                   tooltip="Adam learning rate at the first step; scaled by (1 - step/100). The paper's 1e-2 "
+                                           "suits SD's 768-d text embeddings; small text encoders (EditKit's toy "
+                                           "model, 64-d) want about 5e-2. Raise it when 'iterations used' is the "
+                                           "whole budget and the reconstruction stays poor."),
                     io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-8,
                                    tooltip="Stop a step's optimisation when the latent MSE is below this + step * 2e-5."),
                     _fixed_point_in(), _sigmas_in()],

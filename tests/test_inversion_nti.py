@@ -75,3 +75,24 @@ def test_nti_needs_one_null_text_entry(tiny_eps, encode):
     pos, neg = encode(SOURCE), encode("")
     with pytest.raises(ValueError, match="EditKitNullTextInversion: input 'negative'"):
         _nti(tiny_eps, latent(), pos, neg + neg, 2)
+
+
+def test_nti_beats_ddim_on_the_trained_toy_model():
+    """The paper's claim on a real trained UNet + CLIP (the toy model), where the null text does steer the
+    prediction: cfg-7.5 reconstruction >= 10x closer than DDIM inversion at cfg 7.5 (measured ~100x). The toy
+    text encoder is 64-d; lr 5e-2 rather than the paper's 1e-2 (tuned on SD's 768-d embeddings) cuts the
+    remaining error ~5x here (0.22 vs 1.1 max), as the node's tooltip says."""
+    from editkit.builtin_models import toy
+    from editkit.toyworld import world
+    model, clip, vae = toy.load_toy()
+    scene = world.sample_scene(3)
+    lat = vae.encode(torch.from_numpy(scene.render())[None])
+    pos, neg = tiny.encode(clip, scene.caption), tiny.encode(clip, "")
+    steps = 12
+    _, inv, used = node_out(NullTextInversion.execute(model, {"samples": lat}, pos, neg, 7.5, steps, "normal", 10,
+                                                      0.05, 1e-5, 0))
+    nti_err = sampler_space_error(model, reconstruct(model, inv), lat)
+    ddim75 = node_out(Invert.execute(model, {"samples": lat}, pos, 7.5, steps, "normal", 0, negative=neg))[1]
+    ddim75_err = sampler_space_error(model, reconstruct(model, ddim75), lat)
+    assert nti_err * 10 <= ddim75_err, (nti_err, ddim75_err)
+    assert used <= steps * 10

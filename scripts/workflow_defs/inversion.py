@@ -92,8 +92,9 @@ def null_text():
     b = builder()
     s = _scaffold(b)
     # Paper settings are 50 steps and 10 iterations; fewer here so the example runs in seconds on a CPU.
+    # lr 5e-2: the toy model's 64-d text embeddings need a larger step than the paper's 1e-2 for SD's 768-d.
     inv = b.add("EditKitNullTextInversion", (X3, 40), cfg=7.5, steps=10, scheduler="normal", inner_iterations=5,
-                learning_rate=0.01, early_stop=1e-5, fixed_point_iterations=0, size=(320, 300))
+                learning_rate=0.05, early_stop=1e-5, fixed_point_iterations=0, size=(320, 300))
     _inputs(b, s, inv, negative=True)
     _edit_and_measure(b, s, inv.out(1), "editkit_inversion_null_text", cfg=7.5)
     return b.build()
