@@ -12,7 +12,12 @@ import importlib.util, time
 spec = importlib.util.spec_from_file_location('b', {os.path.join(ROOT, 'runner', 'boot.py')!r})
 b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)
 b.boot(threads=1, load_pack=False)
-t = time.perf_counter(); b.load(); print('LOAD', time.perf_counter() - t)
+import asyncio, nodes
+path = b.pack_link(b.comfy_dir())
+# only what ComfyUI itself does at start-up (b.load() also imports every submodule and writes demo model files)
+t = time.perf_counter(); ok = asyncio.run(nodes.load_custom_node(path)); dt = time.perf_counter() - t
+assert ok, 'ComfyUI failed to load EditKit'
+print('LOAD', dt)
 """
 
 
