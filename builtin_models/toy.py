@@ -13,6 +13,11 @@ The single weights file carries its configs and the latent statistics (scale and
 in its safetensors metadata; `ToyLatentFormat` declares them, so latents seen by the UNet have
 roughly zero mean and unit variance. The functions with `seed` build untrained models (for
 training); `load_toy()` loads the shipped weights.
+
+`toy_weak.safetensors` is a UNet-only file: a smaller, briefly trained UNet of the same family for
+AutoGuidance (Karras et al. 2024). Its metadata names its companion (`toy.safetensors`), whose CLIP
+text encoder it was trained on (frozen) and whose VAE and latent format it shares; `load_toy()` on
+it returns the weak UNet with the companion's CLIP and VAE.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from .tiny import _patcher, init_weights
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PATH = os.path.join(PACK_DIR, "models", "toy", "toy.safetensors")
+WEAK_PATH = os.path.join(PACK_DIR, "models", "toy", "toy_weak.safetensors")
 FORMAT_VERSION = 1
 METADATA_KEY = "editkit_toy"
 
@@ -148,6 +154,23 @@ def save_toy(path: str, unet_sd: dict, clip_sd: dict, vae_sd: dict, meta: dict, 
     return os.path.getsize(path)
 
 
+def save_toy_unet(path: str, unet_sd: dict, meta: dict, dtype=torch.float16) -> int:
+    """Write a UNet-only toy file (e.g. the weak model): the UNet state dict under `unet.` and `meta`, which
+    must name the `companion` file that supplies the CLIP text encoder and VAE. Returns the file's size."""
+    from safetensors.torch import save_file
+    if not meta.get("companion"):
+        raise ValueError("a UNet-only toy file needs meta['companion'] (the file with its CLIP and VAE)")
+    tensors = {UNET_PREFIX + k: (v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+               for k, v in unet_sd.items()}
+    meta = dict(meta, format_version=FORMAT_VERSION, parts=["unet"], unet_config=meta.get("unet_config", UNET_CONFIG))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    os.chmod(path, 0o644)
+    return os.path.getsize(path)
+
+
 def read_metadata(path: str = DEFAULT_PATH) -> dict:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
@@ -165,18 +188,88 @@ def _split(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_toy(path: str = DEFAULT_PATH, dtype=torch.float32):
-    """(MODEL, CLIP, VAE) from the shipped weights, as ComfyUI's checkpoint loader returns them."""
+def companion_name(meta: dict) -> str | None:
+    """For a UNet-only file (the weak model): the file name of the toy model supplying its CLIP and VAE."""
+    return meta.get("companion")
+
+
+def _check_companion(path: str, meta: dict, companion_path: str, companion_meta: dict) -> None:
+    """The weak UNet must live in the companion's latent space (same latent format)."""
+    want, have = meta.get("latent", {}), companion_meta.get("latent", {})
+    same = (want.get("scale") is not None and have.get("scale") is not None
+            and abs(float(want["scale"]) - float(have["scale"])) <= 1e-6 * abs(float(have["scale"]))
+            and len(want.get("shift", [])) == len(have.get("shift", []))
+            and all(abs(float(x) - float(y)) <= 1e-6 for x, y in zip(want["shift"], have["shift"])))
+    if not same:
+        raise ValueError(f"{os.path.basename(path)} was trained in a different latent space than "
+                         f"{os.path.basename(companion_path)} (latent scale/shift differ): retrain it with "
+                         "`scripts/train_toy.py --phase weak` after the toy model")
+
+
+def load_unet(path: str, meta: dict | None = None, sd: dict | None = None, dtype=torch.float32):
+    """The MODEL stored under `unet.` in a toy file (full or UNet-only), with its config and latent format."""
     import comfy.utils
-    if not available(path):
-        raise FileNotFoundError(f"no toy model at {path}: run `make toy-model` (or check out models/toy/ from git)")
-    meta = read_metadata(path)
-    sd = comfy.utils.load_torch_file(path)
+    meta = meta if meta is not None else read_metadata(path)
+    sd = sd if sd is not None else comfy.utils.load_torch_file(path)
     model = build_unet(meta["latent"], dtype=dtype, config=meta["unet_config"])
     unet_sd = {k: v.to(dtype) for k, v in _split(sd, UNET_PREFIX).items()}
     missing, unexpected = model.model.diffusion_model.load_state_dict(unet_sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"toy UNet weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"toy UNet weights in {os.path.basename(path)} do not match its config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model
+
+
+def load_toy(path: str = DEFAULT_PATH, dtype=torch.float32, companion_path: str | None = None):
+    """(MODEL, CLIP, VAE) from the shipped weights, as ComfyUI's checkpoint loader returns them.
+
+    For a UNet-only file (toy_weak.safetensors) the MODEL is its UNet and CLIP/VAE come from the companion
+    file its metadata names, looked up next to it unless `companion_path` is given."""
+    if not available(path):
+        raise FileNotFoundError(f"no toy model at {path}: run `make toy-model` (or check out models/toy/ from git)")
+    meta = read_metadata(path)
+    comp = companion_name(meta)
+    if comp:
+        companion_path = companion_path or os.path.join(os.path.dirname(os.path.abspath(path)), comp)
+        if not available(companion_path):
+            raise FileNotFoundError(f"{os.path.basename(path)} holds only a UNet; its CLIP and VAE come from {comp}, "
+                                    f"which is not at {companion_path}")
+        comp_meta = read_metadata(companion_path)
+        if companion_name(comp_meta):
+            raise ValueError(f"the companion {comp} of {os.path.basename(path)} is itself UNet-only")
+        _check_companion(path, meta, companion_path, comp_meta)
+        if meta.get("companion_sha256") and meta["companion_sha256"] != file_sha256(companion_path):
+            logging.warning("EditKit: %s was trained with a different %s than the one at %s (checksum differs); its "
+                            "CLIP and VAE are used anyway, but AutoGuidance assumes the weak model read the same text "
+                            "embeddings: retrain it with `scripts/train_toy.py --phase weak`", os.path.basename(path),
+                            comp, companion_path)
+        model = load_unet(path, meta, dtype=dtype)
+        _, clip, vae = _load_full(companion_path, comp_meta, dtype, with_unet=False)
+        return model, clip, vae
+    return _load_full(path, meta, dtype)
+
+
+def load_toy_weak(path: str = WEAK_PATH, dtype=torch.float32, companion_path: str | None = None):
+    """(weak MODEL, CLIP, VAE): the weak UNet of toy_weak.safetensors with its companion's (toy.safetensors)
+    text encoder and VAE."""
+    if available(path) and not companion_name(read_metadata(path)):
+        raise ValueError(f"{path} is a full toy model, not a UNet-only weak model")
+    return load_toy(path, dtype, companion_path)
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_full(path: str, meta: dict, dtype, with_unet: bool = True):
+    import comfy.utils
+    sd = comfy.utils.load_torch_file(path)
+    model = load_unet(path, meta, sd, dtype) if with_unet else None
     clip = build_clip(config=meta["clip_config"])
     missing, unexpected = clip.load_sd(_split(sd, CLIP_PREFIX))
     missing = [k for k in missing if not k.endswith("position_ids")]

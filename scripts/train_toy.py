@@ -1,7 +1,7 @@
 """Train EditKit's toy text-to-image model on the toy world, reproducibly, on a CPU.
 
     make toy-model                       # all phases; resumes where an interrupted run stopped
-    .venv/bin/python scripts/train_toy.py --phase eval     # re-run one phase (vae|latents|unet|export|eval|card)
+    .venv/bin/python scripts/train_toy.py --phase eval     # re-run one phase (vae|latents|unet|export|eval|weak|weak_eval|card)
 
 Phases (each skipped when done, each resumable from its last checkpoint):
   vae      AutoencoderKL on random 64x64 crops of toy scenes (L1 + small KL), bf16 autocast.
@@ -12,6 +12,10 @@ Phases (each skipped when done, each resumable from its last checkpoint):
            weighting, 10 % caption dropout (for CFG), EMA of both, bf16 autocast.
   export   EMA weights -> models/toy/toy.safetensors (fp16, configs and latent stats in the metadata).
   eval     load through builtin_models.toy.load_toy and measure txt2img accuracy with the checker.
+  weak     AutoGuidance's weak model: a smaller UNet (model_channels 32) trained briefly (500 steps) on the
+           cached latents, conditioned by the exported toy text encoder (frozen); UNet only ->
+           models/toy/toy_weak.safetensors (its metadata names toy.safetensors as the CLIP/VAE companion).
+  weak_eval  the weak model's txt2img accuracy, and the toy model with plain CFG vs AutoGuidance away from it.
   card     write models/toy/MODEL_CARD.md from the recorded state.
 
 Work files (checkpoints, cached latents, state.json with wall times, log) live in --workdir
@@ -29,10 +33,12 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHASES = ["vae", "latents", "unet", "export", "eval", "card"]
+PHASES = ["vae", "latents", "unet", "export", "eval", "weak", "weak_eval", "card"]
 # Step times measured on this 2-core machine when idle (2 threads, bf16 autocast), for the model card.
 IDLE_VAE_STEP, IDLE_ENCODE, IDLE_UNET_STEP = 0.6, 0.008, 0.9
 SWEEP_STEPS, SWEEP_CFG = (6, 8, 12, 20), (2.0, 3.0, 5.0, 7.0)
+# What the AutoGuidance table of the model card shows, in words (written from the measured run).
+WEAK_OBSERVATION = ""
 
 
 def parse_args(argv=None):
@@ -67,6 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-pair", type=int, default=48)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-cfg", type=float, default=5.0)
+    p.add_argument("--weak-channels", type=int, default=32, help="model_channels of the weak UNet (toy: 64)")
+    p.add_argument("--weak-steps", type=int, default=500)
+    p.add_argument("--weak-batch", type=int, default=64)
+    p.add_argument("--weak-lr", type=float, default=1e-3)
+    p.add_argument("--weak-ema", type=float, default=0.99)
+    p.add_argument("--ag-steps", default="12,6", help="sampling steps of the AutoGuidance comparison (comma list)")
+    p.add_argument("--ag-configs", default="1/0,3/0,5/0,1/1,1/2,1/4,3/1,5/1",
+                   help="CFG/AutoGuidance-scale pairs of the comparison (AutoGuidance 0 = plain CFG)")
     p.add_argument("--force", action="store_true", help="redo the selected phase even if recorded as done")
     return p.parse_args(argv)
 
@@ -346,17 +360,58 @@ def token_ids(clip, text):
     return [t for t, _w in clip.tokenize(text)["l"][0]]
 
 
+def training_data(a, stats):
+    """The cached training latents in the UNet's space ((z - shift) x scale) and their captions."""
+    import torch
+
+    from editkit.toyworld import world
+    lat, _, seeds = load_latents(a)
+    shift = torch.tensor(stats["shift"]).view(1, -1, 1, 1)
+    return (lat - shift) * stats["scale"], [world.sample_scene(s, split="train").caption for s in seeds]
+
+
+def noise_schedule(model):
+    """alphas_cumprod of the model's (SD1 discrete) schedule and the SNR per timestep."""
+    ms = model.model.model_sampling
+    alphas = 1.0 / (1.0 + ms.sigmas.float() ** 2)
+    return alphas, alphas / (1 - alphas)
+
+
+def diffusion_batch(g, x0_all, captions, alphas, snr, batch, cfg_dropout):
+    """One EPS training batch drawn from generator g (always in this order, so resumed runs see the same data):
+    noised latents, timesteps, target noise, min-SNR-5 loss weights and captions ('' with prob. cfg_dropout)."""
+    import torch
+    idx = torch.randint(0, len(x0_all), (batch,), generator=g)
+    x0 = x0_all[idx]
+    texts = ["" if torch.rand((), generator=g).item() < cfg_dropout else captions[i] for i in idx.tolist()]
+    t = torch.randint(0, len(alphas), (batch,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    ac = alphas[t].view(-1, 1, 1, 1)
+    xt = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
+    w = torch.clamp(snr[t], max=5.0) / snr[t]           # min-SNR-5 for eps prediction
+    return xt, t, eps, w, texts
+
+
+def ema_update(pairs, step, ema_max):
+    """EMA of each (live state dict, EMA state dict) pair, with the usual warm-up of the decay."""
+    import torch
+    decay = min(ema_max, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for src, ema in pairs:
+            for k, v in src.items():
+                if v.is_floating_point():
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+
+
 def phase_unet(a, st):
     import numpy as np
     import torch
 
     from editkit.builtin_models import toy
-    from editkit.toyworld import evaluate, world
+    from editkit.toyworld import evaluate
 
     stats = st.data["results"]["latent"]
-    lat, _, seeds = load_latents(a)
-    shift = torch.tensor(stats["shift"]).view(1, -1, 1, 1)
-    x0_all = (lat - shift) * stats["scale"]
+    x0_all, captions = training_data(a, stats)
     n = len(x0_all)
     model = toy.build_unet(stats)
     unet = model.model.diffusion_model
@@ -368,10 +423,7 @@ def phase_unet(a, st):
     params = list(unet.parameters()) + list(te.transformer.parameters())
     for p in params:
         p.requires_grad_(True)
-    ms = model.model.model_sampling
-    alphas = 1.0 / (1.0 + ms.sigmas.float() ** 2)            # alphas_cumprod of the SD1 schedule
-    snr = alphas / (1 - alphas)
-    captions = [world.sample_scene(s, split="train").caption for s in seeds]
+    alphas, snr = noise_schedule(model)
     cache = {}
 
     def tokens(text):
@@ -401,14 +453,7 @@ def phase_unet(a, st):
     hist = []
     while step < a.unet_steps:
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (a.unet_batch,), generator=g)
-        x0 = x0_all[idx]
-        texts = ["" if torch.rand((), generator=g).item() < a.cfg_dropout else captions[i] for i in idx.tolist()]
-        t = torch.randint(0, len(alphas), (a.unet_batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        ac = alphas[t].view(-1, 1, 1, 1)
-        xt = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
-        w = torch.clamp(snr[t], max=5.0) / snr[t]           # min-SNR-5 for eps prediction
+        xt, t, eps, w, texts = diffusion_batch(g, x0_all, captions, alphas, snr, a.unet_batch, a.cfg_dropout)
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, a.unet_steps, a.unet_lr, warmup=200)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -421,12 +466,7 @@ def phase_unet(a, st):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(a.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for src, ema in ((unet.state_dict(), ema_u), (te.transformer.state_dict(), ema_t)):
-                for k, v in src.items():
-                    if v.is_floating_point():
-                        ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        ema_update(((unet.state_dict(), ema_u), (te.transformer.state_dict(), ema_t)), step, a.ema)
         hist.append(loss_each.mean().item())
         if a.adaptive_threads and step % 25 == 0:
             adapt_threads(a)
@@ -465,6 +505,174 @@ def phase_unet(a, st):
     st.data["results"]["unet_params"] = n_params
     st.data["results"]["te_params"] = sum(p.numel() for p in te.parameters())
     st.mark("unet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase: weak UNet (for AutoGuidance)
+
+def weak_unet_config(a) -> dict:
+    from editkit.builtin_models import toy
+    return dict(toy.UNET_CONFIG, model_channels=a.weak_channels)
+
+
+def weak_path(a):
+    return os.path.join(a.out, "toy_weak.safetensors")
+
+
+def phase_weak(a, st):
+    """A smaller, briefly trained UNet of the same family on the same cached latents, conditioned by the FINAL
+    toy text encoder (frozen, loaded from toy.safetensors, so it reads exactly the embeddings the toy UNet
+    reads at sampling time), with the same caption dropout; exported UNet-only to toy_weak.safetensors."""
+    import numpy as np
+    import torch
+
+    from editkit.builtin_models import toy
+
+    stats = st.data["results"]["latent"]
+    x0_all, captions = training_data(a, stats)
+    toy_file = weights_path(a)
+    toy_meta = toy.read_metadata(toy_file)
+    if any(abs(x - y) > 1e-6 for x, y in zip(toy_meta["latent"]["shift"] + [toy_meta["latent"]["scale"]],
+                                              stats["shift"] + [stats["scale"]])):
+        raise SystemExit(f"{toy_file} was not exported from these latents (latent stats differ): run --phase export first")
+    _, clip, _ = toy.load_toy(toy_file)
+    for p in clip.cond_stage_model.parameters():
+        p.requires_grad_(False)
+    ctx_cache = {}
+
+    def context(texts):
+        """CLIPTextEncode's conditioning for each caption (cached; the encoder is frozen)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in ctx_cache]
+        if missing:
+            with torch.no_grad():   # not inference_mode: the UNet's backward saves these tensors
+                for t in missing:
+                    ctx_cache[t] = clip.encode_from_tokens(clip.tokenize(t)).float()[0].clone()
+        return torch.stack([ctx_cache[t] for t in texts])
+
+    config = weak_unet_config(a)
+    model = toy.build_unet(stats, config=config)
+    unet = model.model.diffusion_model
+    train_init(unet, a.seed + 5, unet_zero_names(unet))
+    params = list(unet.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    alphas, snr = noise_schedule(model)
+    opt = torch.optim.AdamW(params, lr=a.weak_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    step = 0
+    ck = os.path.join(a.workdir, "weak.pt")
+    toy_sha = toy.file_sha256(toy_file)
+    if os.path.exists(ck):
+        c = torch.load(ck, weights_only=False)
+        if c.get("toy_sha256") != toy_sha:
+            raise SystemExit(f"{ck} was trained with another {os.path.basename(toy_file)} (its text encoder): delete it "
+                             "to train the weak model again")
+        unet.load_state_dict(c["unet"])
+        opt.load_state_dict(c["opt"])
+        ema_u, step = c["ema_u"], c["step"]
+        log(f"weak: resumed at step {step}")
+    unet.train()
+    n_params = sum(p.numel() for p in params)
+    log(f"weak: {n_params / 1e6:.2f}M params (model_channels {a.weak_channels}), frozen text encoder of {toy_file}, "
+        f"{len(x0_all)} latents, {a.weak_steps} steps")
+    run_start = t_last = time.time()
+    hist = []
+    while step < a.weak_steps:
+        # A data stream of its own (the toy UNet's is seed * 1_000_003 + step).
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + 500_000_000 + step)
+        xt, t, eps, w, texts = diffusion_batch(g, x0_all, captions, alphas, snr, a.weak_batch, a.cfg_dropout)
+        ctx = context(texts)
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, a.weak_steps, a.weak_lr, warmup=min(100, a.weak_steps // 5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = unet(xt, timesteps=t.float(), context=ctx).float()
+        loss_each = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
+        loss = (w * loss_each).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema_update(((unet.state_dict(), ema_u),), step, a.weak_ema)
+        hist.append(loss_each.mean().item())
+        if a.adaptive_threads and step % 25 == 0:
+            adapt_threads(a)
+        if step % 25 == 0 or step == a.weak_steps:
+            now = time.time()
+            log(f"weak step {step}/{a.weak_steps} loss {np.mean(hist):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{(now - t_last) / 25:.2f}s/step")
+            hist.clear()
+            t_last = now
+        if step % a.ckpt_every == 0 or step == a.weak_steps:
+            save_ckpt(ck, {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema_u": ema_u, "step": step,
+                           "toy_sha256": toy_sha})
+            st.add_wall("weak", time.time() - run_start)
+            run_start = time.time()
+    st.add_wall("weak", time.time() - run_start)
+    meta = {"kind": "weak", "companion": os.path.basename(toy_file), "companion_sha256": toy_sha,
+            "note": f"UNet only: use with the CLIP text encoder and VAE of {os.path.basename(toy_file)} (AutoGuidance's "
+                    "weak model; trained with that text encoder frozen, in its latent space)",
+            "latent": toy_meta["latent"], "unet_config": config,
+            "training": {"seed": a.seed, "unet_steps": step, "unet_batch": a.weak_batch, "lr": a.weak_lr,
+                         "ema": a.weak_ema, "cfg_dropout": a.cfg_dropout, "scenes": len(x0_all)}}
+    size = toy.save_toy_unet(weak_path(a), ema_u, meta)
+    total = sum(os.path.getsize(os.path.join(a.out, f)) for f in os.listdir(a.out) if f.endswith(".safetensors"))
+    st.data["results"]["weak"] = dict(st.data["results"].get("weak", {}), steps=step, batch=a.weak_batch, lr=a.weak_lr,
+                                      ema=a.weak_ema, model_channels=a.weak_channels, params=n_params,
+                                      weights_bytes=size, unet_config=config)
+    log(f"weak: {weak_path(a)} ({size / 1e6:.2f} MB; all toy weights {total / 1e6:.1f} MB)")
+    if total > 30 * 1024 * 1024:
+        raise SystemExit(f"models/toy/*.safetensors total {total / 1e6:.1f} MB > 30 MB (tests/test_toy_model.py)")
+    st.mark("weak")
+
+
+def guidance_label(cfg: float, ag: float) -> str:
+    if ag == 0:
+        return "no guidance" if cfg == 1 else f"CFG {cfg:g}"
+    return f"AutoGuidance {ag:g}" if cfg == 1 else f"CFG {cfg:g} + AutoGuidance {ag:g}"
+
+
+def phase_weak_eval(a, st):
+    """The weak model's own txt2img accuracy (the toy model's protocol), then the toy model sampled with plain
+    CFG and with AutoGuidance away from the weak model (EditKitGuider's GuidanceGuider + AutoGuidanceTerm),
+    same prompts, seeds and steps. Every run goes through the guider (no terms = ComfyUI's CFGGuider)."""
+    import torch
+
+    from editkit.builtin_models import toy
+    from editkit.guidance import schedules, terms
+    from editkit.toyworld import evaluate
+    t0 = time.time()
+    model, clip, vae = toy.load_toy(weights_path(a))
+    weak, _, _ = toy.load_toy_weak(weak_path(a), companion_path=weights_path(a))
+    r = st.data["results"].setdefault("weak", {})
+    with torch.inference_mode():
+        r["eval"] = evaluate.evaluate_txt2img(weak, clip, vae, n_heldout=a.eval_heldout, n_single=a.eval_single,
+                                              n_pair=a.eval_pair, steps=a.eval_steps, cfg=a.eval_cfg)
+    r["eval_settings"] = {"steps": a.eval_steps, "cfg": a.eval_cfg, "sampler": "euler", "scheduler": "normal"}
+    for k, row in r["eval"].items():
+        log(f"weak eval {k}: colour {row['color']:.3f} shape {row['shape']:.3f} background {row['background']:.3f} "
+            f"all {row['all']:.3f}")
+    configs = [tuple(float(v) for v in c.split("/")) for c in a.ag_configs.split(",")]
+    sets = {"heldout": a.eval_heldout, "pair": a.eval_pair}
+    ag = {}
+    for steps in (int(v) for v in a.ag_steps.split(",")):
+        for cfg, scale in configs:
+            t1 = time.time()
+            term_list = (terms.AutoGuidanceTerm(schedules.CONSTANT_ONE, weak, scale),) if scale else ()
+            row = {}
+            with torch.inference_mode():
+                for kind, n in sets.items():
+                    prompts, seeds = evaluate.eval_prompts(kind, n)
+                    imgs = evaluate.txt2img(model, clip, vae, prompts, seeds, steps=steps, cfg=cfg, terms=term_list)
+                    row[kind] = evaluate.accuracy(imgs, prompts).row()
+            ag[f"{steps}/{cfg:g}/{scale:g}"] = row
+            log(f"autoguidance {steps} steps, {guidance_label(cfg, scale)}: " + "; ".join(
+                f"{k} col {v['color']:.3f} shp {v['shape']:.3f} bg {v['background']:.3f} all {v['all']:.3f}"
+                for k, v in row.items()) + f" ({time.time() - t1:.0f}s)")
+    r["autoguidance"] = ag
+    r["autoguidance_settings"] = {"sampler": "euler", "scheduler": "normal", "negative": "", "sets": sets}
+    st.add_wall("weak_eval", time.time() - t0)
+    st.mark("weak_eval")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +748,76 @@ def vae_round_trip_stats(a, n: int = 200) -> dict:
             out[k] = {"ok": float(np.mean([checker.check_scene(rec[i], s)["ok"] for i, s in enumerate(scenes)])),
                       "psnr": float(np.mean([evaluate.psnr(rec[i], imgs[i]) for i in range(n)])), "n": n}
     return out
+
+
+def weak_card_section(a, st) -> str:
+    """The model card's "Weak model (for AutoGuidance)" section, from the weak and weak_eval phases' results."""
+    from editkit.builtin_models import toy
+    r = st.data["results"]
+    w = r.get("weak")
+    if not w or "steps" not in w:
+        return ""
+    wall = st.data["wall"]
+    ev, es = w.get("eval", {}), w.get("eval_settings", {})
+    tev = r.get("eval", {})
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    acc_rows = "\n".join(
+        f"| {label} | {ev.get(k, {}).get('n', 0)} | {pct(ev.get(k, {}).get('color'))} | {pct(ev.get(k, {}).get('shape'))} | "
+        f"{pct(ev.get(k, {}).get('background'))} | {pct(ev.get(k, {}).get('all'))} | {pct(tev.get(k, {}).get('all'))} |"
+        for k, label in (("heldout", "held-out single-object"), ("single", "trained single-object"), ("pair", "two objects")))
+    ag = w.get("autoguidance", {})
+    steps_list = sorted({int(k.split("/")[0]) for k in ag}, reverse=True)
+    configs = list(dict.fromkeys(tuple(float(v) for v in k.split("/")[1:]) for k in ag))
+    sets = w.get("autoguidance_settings", {}).get("sets", {})
+
+    def cell(steps, cfg, scale, kind):
+        row = ag.get(f"{steps}/{cfg:g}/{scale:g}", {}).get(kind)
+        return "n/a" if row is None else f"{100 * row['all']:.0f} %"
+
+    head = " | ".join(f"{n} steps: held-out | {n} steps: two objects" for n in steps_list)
+    ag_rows = "\n".join(f"| {guidance_label(cfg, scale)} | " + " | ".join(
+        f"{cell(n, cfg, scale, 'heldout')} | {cell(n, cfg, scale, 'pair')}" for n in steps_list) + " |" for cfg, scale in configs)
+    ag_table = (f"| guidance | {head} |\n|---|{'---|' * (2 * len(steps_list))}\n{ag_rows}" if ag else
+                "(not measured: run `scripts/train_toy.py --phase weak_eval`)")
+    base_params = r.get("unet_params", 0)
+    return f"""
+## Weak model (for AutoGuidance)
+File: `toy_weak.safetensors` ({w.get('weights_bytes', 0) / 1e6:.1f} MB, fp16, **UNet only**). Its safetensors metadata (`{toy.METADATA_KEY}`)
+holds its UNet config and latent statistics, its training settings, and `companion: toy.safetensors`: its CLIP
+text encoder and VAE are those of `toy.safetensors`. **EditKit Toy Model Loader** with `weights = toy_weak.safetensors`
+returns the weak UNet as MODEL plus the CLIP and VAE of `toy.safetensors` (`builtin_models.toy.load_toy_weak()`);
+connect that MODEL to `weak_model` of **Guidance Term: AutoGuidance** (workflow `guidance_autoguidance.json`).
+
+It is AutoGuidance's weak model (Karras et al. 2024: guide a model away from a smaller and less trained
+version of itself): the same ComfyUI `UNetModel` family, latent format and conditioning as the toy UNet,
+with model_channels {w.get('model_channels')} instead of {toy.UNET_CONFIG['model_channels']} (same channel_mult, attention levels, context {toy.CONTEXT_DIM}, 4 heads;
+{w.get('params', 0) / 1e6:.2f} M parameters against {base_params / 1e6:.2f} M) and {w.get('steps')} training steps against {r.get('unet_steps')}.
+
+Training (`scripts/train_toy.py --phase weak`, part of `make toy-model` after `eval`): the same cached latents
+and objective (EPS, min-SNR-5, {int(a.cfg_dropout * 100)} % caption dropout, so it has an unconditional mode), batch {w.get('batch')},
+AdamW lr {w.get('lr'):g} (warmup, cosine), EMA {w.get('ema')}, seeded with a data order of its own; the text encoder is the FINAL
+toy text encoder loaded from `toy.safetensors` and kept frozen, so the weak UNet reads exactly the text
+embeddings the toy UNet reads. Wall time {wall.get('weak', 0) / 60:.1f} min (1 torch thread, nice 10, on the 2 cores shared with a
+running benchmark; two threads on the busy cores ran 15x slower); evaluation {wall.get('weak_eval', 0) / 60:.1f} min.
+
+Accuracy of the weak model alone (toy model's protocol: {es.get('sampler', 'euler')}, {es.get('steps')} steps, CFG {es.get('cfg')}, one seed per prompt):
+
+| prompts | n | colour | shape | background | all correct | toy model, all correct |
+|---|---|---|---|---|---|---|
+{acc_rows}
+
+AutoGuidance on the toy model (EditKitGuider with an AutoGuidance term, weak model above; the guided
+prediction is CFG(cond, uncond) + scale x (cond - weak cond), so "CFG 1 + AutoGuidance s" is the paper's
+pure AutoGuidance with w = 1 + s). Share of images fully correct (colour, shape, background, object count)
+on {sets.get('heldout', '?')} held-out single-object prompts and {sets.get('pair', '?')} two-object prompts, euler, normal scheduler,
+empty negative prompt, the same seed per prompt in every row:
+
+{ag_table}
+{WEAK_OBSERVATION}
+"""
 
 
 def phase_card(a, st):
@@ -653,7 +931,7 @@ from the outermost 3 px of the frame and so under-counted backgrounds at the dec
 | step | held-out | trained single | two objects |
 |---|---|---|---|
 {probe_rows}
-
+{weak_card_section(a, st)}
 ## Limitations
 - Only this world: shapes, colours and the caption template above. Other words are tokenised (the
   tokenizer is SD1.5's) but carry no meaning for the model.
@@ -681,7 +959,7 @@ def main(argv=None):
     st = State(os.path.join(a.workdir, "state.json"))
     phases = PHASES if a.phase == "all" else a.phase.split(",")
     fns = {"vae": phase_vae, "latents": phase_latents, "unet": phase_unet, "export": phase_export,
-           "eval": phase_eval, "card": phase_card}
+           "eval": phase_eval, "weak": phase_weak, "weak_eval": phase_weak_eval, "card": phase_card}
     for ph in phases:
         if ph not in fns:
             raise SystemExit(f"unknown phase {ph!r}; one of {PHASES}")

@@ -28,9 +28,14 @@ def seed_noise(shape, seeds: list[int]) -> torch.Tensor:
 
 def txt2img(model, clip, vae, prompts: list[str], seeds: list[int], steps: int = 20, cfg: float = 5.0,
             sampler: str = "euler", scheduler: str = "normal", negative: str = "", batch: int = 16,
-            size: int = world.IMAGE_SIZE) -> torch.Tensor:
-    """(N, H, W, 3) images; image i is what KSampler(seed=seeds[i]) makes of prompts[i] at batch size 1."""
+            size: int = world.IMAGE_SIZE, terms=None) -> torch.Tensor:
+    """(N, H, W, 3) images; image i is what KSampler(seed=seeds[i]) makes of prompts[i] at batch size 1.
+
+    With `terms` (a tuple of guidance.terms.Term, possibly empty) sampling goes through EditKitGuider's
+    GuidanceGuider instead, as SamplerCustomAdvanced with BasicScheduler and RandomNoise(seed) would run it."""
+    import comfy.model_management
     import comfy.sample
+    import comfy.samplers
     assert len(prompts) == len(seeds)
     out = []
     lat_shape = (4, size // 8, size // 8)
@@ -40,8 +45,18 @@ def txt2img(model, clip, vae, prompts: list[str], seeds: list[int], steps: int =
         neg = encode_batch(clip, [negative] * len(ps))
         noise = seed_noise(lat_shape, ss)
         latent = torch.zeros_like(noise)
-        samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent, disable_pbar=True,
-                                      seed=int(ss[0]))
+        if terms is None:
+            samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
+                                          disable_pbar=True, seed=int(ss[0]))
+        else:
+            from ..guidance.guider import GuidanceGuider
+            guider = GuidanceGuider(model, tuple(terms))
+            guider.set_conds(pos, neg)
+            guider.set_cfg(cfg)
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+            samples = guider.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, disable_pbar=True,
+                                    seed=int(ss[0]))
+            samples = samples.to(comfy.model_management.intermediate_device())
         out.append(vae.decode(samples).float().cpu())
     return torch.cat(out)
 
