@@ -46,11 +46,15 @@ class ToyModelLoader(io.ComfyNode):
             description="EditKit's small trained text-to-image model (UNet, CLIP text encoder, VAE) for the toy world: "
                         "128x128 images of one or two shapes (circle, square, triangle) in eight colours on a "
                         "plain background, prompted like \"a red circle on a white background\". Use a 128x128 "
-                        "empty latent. Real edits and measurable results with no download.",
+                        "empty latent. Real edits and measurable results with no download. toy_weak.safetensors is "
+                        "a smaller, briefly trained UNet of the same family (AutoGuidance's weak model): it loads "
+                        "with the CLIP and VAE of toy.safetensors.",
             inputs=[
                 io.Combo.Input("weights", options=weight_files(), default=weight_files()[0],
-                               tooltip="Weights file in EditKit's models/toy/ folder (toy.safetensors is the shipped model) "
-                                       "or in a 'toy' model folder registered with ComfyUI."),
+                               tooltip="Weights file in EditKit's models/toy/ folder or in a 'toy' model folder registered "
+                                       "with ComfyUI. toy.safetensors is the shipped model; toy_weak.safetensors is its "
+                                       "weak UNet for EditKitGuidanceTermAutoGuidance's weak_model (its clip and vae "
+                                       "outputs are those of toy.safetensors, which must be present too)."),
             ],
             outputs=[io.Model.Output("model", display_name="model"), io.Clip.Output("clip", display_name="clip"),
                      io.Vae.Output("vae", display_name="vae")],
@@ -62,7 +66,25 @@ class ToyModelLoader(io.ComfyNode):
         if path is None:
             raise EditKitInputError(NODE, "weights", f"no file {weights!r} in EditKit's models/toy/ or ComfyUI's toy "
                                     "model folder", "restore models/toy/ from git or run `make toy-model`")
-        model, clip, vae = toy.load_toy(path)
+        try:
+            meta = toy.read_metadata(path)
+        except Exception as e:  # not a safetensors file, or not one of EditKit's toy files
+            raise EditKitInputError(NODE, "weights", f"{weights!r} is not an EditKit toy model file ({e})",
+                                    "choose toy.safetensors or toy_weak.safetensors") from None
+        companion = toy.companion_name(meta)
+        companion_path = None
+        if companion:
+            beside = os.path.join(os.path.dirname(path), os.path.basename(companion))
+            companion_path = beside if os.path.isfile(beside) else resolve(companion)
+            if companion_path is None:
+                raise EditKitInputError(NODE, "weights", f"{weights!r} holds only a UNet (a weak model for AutoGuidance); "
+                                        f"its CLIP and VAE come from {companion!r}, which is in neither EditKit's "
+                                        "models/toy/ nor ComfyUI's toy model folder",
+                                        f"put {companion} next to it (restore models/toy/ from git or run `make toy-model`)")
+        try:
+            model, clip, vae = toy.load_toy(path, companion_path=companion_path)
+        except ValueError as e:
+            raise EditKitInputError(NODE, "weights", str(e), "restore models/toy/ from git or run `make toy-model`") from None
         return io.NodeOutput(model, clip, vae)
 
 
