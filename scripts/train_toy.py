@@ -945,7 +945,7 @@ Wall time is summed over the resumed runs on a machine shared with other enginee
 runs (load average 5-8 on the 2 cores for much of the time; the trainer ran at nice 10 with 1-2 threads),
 so it overstates the cost on an idle machine. Step times measured here when idle (2 threads): VAE
 {IDLE_VAE_STEP} s/step (batch {a.vae_batch}), latent encoding {IDLE_ENCODE} s/scene, UNet {IDLE_UNET_STEP} s/step (batch {a.unet_batch}),
-so `make toy-model` on an idle machine takes about {((r.get('vae_steps', 0) + 1.3 * r.get('vae_full_steps', 0)) * IDLE_VAE_STEP + r.get('scenes', 0) * IDLE_ENCODE + a.unet_steps * IDLE_UNET_STEP) / 60:.0f} min.
+so `make toy-model` on an idle machine takes about {((r.get('vae_steps', 0) + 1.3 * r.get('vae_full_steps', 0)) * IDLE_VAE_STEP + r.get('scenes', 0) * IDLE_ENCODE + a.unet_steps * IDLE_UNET_STEP) / 60:.0f} min for the toy model itself, plus the weak UNet and its AutoGuidance evaluation (about 7 + 12 min measured under load).
 
 VAE round trip (VAEEncode -> VAEDecode of clean renders, read by the checker against the ground truth):
 one-object scenes {100 * rt[1]['ok']:.1f} % fully correct (colour, shape, background, count, box IoU >= 0.7), {rt[1]['psnr']:.1f} dB;
