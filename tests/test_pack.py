@@ -67,3 +67,16 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_node_has_a_readme_row_and_a_workflow(comfy_nodes):
+    """A technique is done when its node, its workflow and its README row exist."""
+    import glob
+    import json
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    used = set()
+    for path in glob.glob(os.path.join(ROOT, "workflows", "*.json")):
+        used |= {n["type"] for n in json.load(open(path, encoding="utf-8"))["nodes"]}
+    ids = sorted(k for k in comfy_nodes.NODE_CLASS_MAPPINGS if k.startswith("EditKit"))
+    assert [i for i in ids if f"`{i}`" not in readme] == []
+    assert [i for i in ids if i not in used] == []
