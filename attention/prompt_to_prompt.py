@@ -17,10 +17,14 @@ the final latent is blended exactly once more with the last mask.
 
 Like the reference implementation, edits apply to the conditional branch only.
 
-DiTs (SD3, Flux): on the image-query x text-key part of each joint attention, the target's text
-distribution is replaced by the source's (aligned, re-weighted) with the target's own text mass:
-    out_t = A_t + m_t * (attention(q_s, k_s,txt, G w v_t,txt) - attention(q_t, k_t,txt, v_t,txt))
-where m_t is the share of the target's joint softmax on text keys. No self-attention replacement.
+DiTs (SD3, Flux): a joint softmax over [text, image] keys is m_txt * (its distribution restricted
+to the text keys) + m_img * (restricted to the image keys). On the image queries, the target's
+restricted text distribution is replaced by the source's (aligned, re-weighted) inside the cross
+window, and its restricted image distribution by the source's inside the self window, each with the
+target's own mass:
+    out_t = A_t + m_txt * (attention(q_s, k_s,txt, G w v_t,txt) - attention(q_t, k_t,txt, v_t,txt))
+                + m_img * (attention(q_s, k_s,img, v_t,img) - attention(q_t, k_t,img, v_t,img))
+Text queries and any extra tokens after the image (Flux Kontext references) keep their attention.
 """
 from __future__ import annotations
 
@@ -204,38 +208,53 @@ class PromptToPrompt(Technique):
         if self.blend is not None:
             self.blend.capture_dit(q4, k4, call)
         pairs = self._pairs(call)
-        inside = call.in_window(0.0, self.cross_steps)
         if not pairs:
             return None
+        inside = call.in_window(0.0, self.cross_steps)
+        self_on = self.self_steps > 0 and call.in_window(0.0, self.self_steps)
         T, I = call.txt, slice(call.txt, call.txt + call.img)
         sel = []
         for t, s, j in pairs:
             plan = self._plan(j)
-            if self._check_length(plan, T) and (inside or plan.w is not None):
-                sel.append((t, s, plan))
+            if not self._check_length(plan, T):
+                continue
+            cross = inside or plan.w is not None
+            if cross or self_on:
+                sel.append((t, s, plan, cross))
         if not sel:
             return None
         self._note("joint", call)
-        rows = [t for t, _, _ in sel]
+        if self_on:
+            self._note("joint_self", call)
+        rows = [t for t, *_ in sel]
         base = attend_dit(call, q4[rows], k4[rows], v4[rows])              # (n, L, H*d)
         raw = lambda a, b, c: call.backend(a, b, c, call.heads, **{**call.kwargs, "skip_reshape": True, "skip_output_reshape": True})
-        corr = []
-        for t, s, plan in sel:
+        corr_txt, corr_img = [], []
+        for t, s, plan, cross in sel:
             qt, kt, vt = q4[t:t + 1, :, I], k4[t:t + 1, :, :T], v4[t:t + 1, :, :T]
-            if inside:
+            old = raw(qt, kt, vt)
+            if not cross:
+                new = old
+            elif inside:
                 new = raw(q4[s:s + 1, :, I], k4[s:s + 1, :, :T], plan.mapped_v(vt))
                 own = plan.own_v(vt)
                 if own is not None:
                     new = new + raw(qt, kt, own)
             else:
                 new = raw(qt, kt, vt * _col(plan.w, vt, -2))
-            corr.append(new - raw(qt, kt, vt))
-        corr = torch.cat(corr)                                                    # (n, H, img, d)
-        # share of each image query's joint softmax on the text keys
+            corr_txt.append(new - old)
+            if self_on:
+                vi = v4[t:t + 1, :, I]
+                corr_img.append(raw(q4[s:s + 1, :, I], k4[s:s + 1, :, I], vi) - raw(qt, k4[t:t + 1, :, I], vi))
+        # share of each image query's joint softmax on the text keys (column 0) and on the image keys (1)
         ind = torch.zeros(v4[rows].shape[:-1] + (8,), device=v4.device, dtype=v4.dtype)
         ind[:, :, :T, 0] = 1.0
-        mass = raw(q4[rows][:, :, I], k4[rows], ind)[..., :1]                    # (n, H, img, 1)
-        delta = (corr * mass).transpose(1, 2).reshape(len(rows), call.img, -1)
+        ind[:, :, I, 1] = 1.0
+        mass = raw(q4[rows][:, :, I], k4[rows], ind)                            # (n, H, img, 8)
+        corr = torch.cat(corr_txt) * mass[..., :1]                                # (n, H, img, d)
+        if corr_img:
+            corr = corr + torch.cat(corr_img) * mass[..., 1:2]
+        delta = corr.transpose(1, 2).reshape(len(rows), call.img, -1)
         out = base.clone()
         out[:, I] = out[:, I] + delta.to(out.dtype)
         return Rows(rows, out)

@@ -165,7 +165,8 @@ class PromptToPromptNode(io.ComfyNode):
             description="Prompt-to-Prompt (Hertz et al.): edit an image by editing its prompt while the target keeps the "
                         "source's cross-attention maps (word swap, refinement with added words, re-weighting of words), "
                         "optionally its self-attention maps, and with local blend only the words' region changes. "
-                        + ORDER_NOTE + " SD1.x/SDXL: everything; SD3/Flux: cross part of the joint attention and local blend.",
+                        + ORDER_NOTE + " SD1.x/SDXL: everything; SD3/Flux: the image-to-text (cross) and image-to-image (self) parts "
+                        "of the joint attention, and local blend.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with."),
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompts; its tokenizer aligns the prompts token by token."),
@@ -180,7 +181,8 @@ class PromptToPromptNode(io.ComfyNode):
                                tooltip="Fraction of the steps (from the start) in which the target uses the source's cross-attention maps."),
                 io.Float.Input("self_replace_steps", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps in which the target uses the source's self-attention maps "
-                                       "(all levels but the finest; UNets only). Higher keeps more of the source's structure."),
+                                       "(UNets: all levels but the finest; SD3/Flux: the image-to-image part of every joint attention). "
+                                       "Higher keeps more of the source's structure."),
                 io.String.Input("reweight", default="",
                                 tooltip="Scale words' cross-attention maps in the target, e.g. 'fluffy:2, red:0.5' (words of the target prompt)."),
                 io.String.Input("local_blend_words", default="",

@@ -656,6 +656,41 @@ def test_flux_prompt_to_prompt_and_maps(flux_attn, tiny_clip):
     assert tech.blend.raw(1).shape[-2:] == (4, 4)                                    # the Flux token grid (8x8 latent / 2)
 
 
+@pytest.mark.parametrize("cross", [1.0, 0.0])
+def test_flux_prompt_to_prompt_self_replacement(flux_attn, tiny_clip, cross):
+    """Inside the self window the target's image queries take the source's image-to-image distribution with
+    their own image mass (and, inside the cross window, the source's text distribution with their text mass)."""
+    plain = _flux_run(flux_attn, tiny_clip)
+    m = node_out(PromptToPromptNode.execute(flux_attn, tiny_clip, SRC, TGT, "auto", cross, 1.0, "", "", 0.3))[0]
+    tech = find_tech(m)
+    seen = []
+    orig = tech.attention
+
+    def spy_attention(call, q, k, v):
+        r = orig(call, q, k, v)
+        seen.append((call, q.clone(), k.clone(), v.clone(), r))
+        return r
+    tech.attention = spy_attention
+    out = _flux_run(m, tiny_clip)
+    assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
+    assert {k for k in tech.applied if k[0] == "joint_self"} == {("joint_self", l) for l in range(4)}
+    call, q, k, v, r = seen[6]
+    T, I = call.txt, slice(call.txt, call.txt + call.img)
+    d = q.shape[-1]
+    logits = lambda a, b: (a.double() @ b.double().transpose(-1, -2)) / math.sqrt(d)
+    pt = logits(q[1:2, :, I], k[1:2]).softmax(-1)                                     # target joint maps
+    m_txt, m_img = pt[..., :T].sum(-1, keepdim=True), pt[..., T:].sum(-1, keepdim=True)
+    txt = logits(q[0:1, :, I], k[0:1, :, :T]).softmax(-1) * m_txt if cross else pt[..., :T]
+    img = logits(q[0:1, :, I], k[0:1, :, I]).softmax(-1) * m_img
+    exp_img = torch.cat([txt, img], -1) @ v[1:2].double()
+    exp_txt = logits(q[1:2, :, :T], k[1:2]).softmax(-1) @ v[1:2].double()
+    torch.testing.assert_close(r.out.double(), _heads(torch.cat([exp_txt, exp_img], 2)), atol=2e-5, rtol=1e-4)
+    # identity edit with self replacement on: bit-identical to plain sampling
+    same = _flux_run(flux_attn, tiny_clip, src=SRC, tgt=SRC)
+    m_id = node_out(PromptToPromptNode.execute(flux_attn, tiny_clip, SRC, SRC, "auto", cross, 1.0, "", "", 0.3))[0]
+    assert torch.equal(_flux_run(m_id, tiny_clip, src=SRC, tgt=SRC), same)
+
+
 # ---------------------------------------------------------------------------------------------
 # SD3 (MMDiT): joint attention without block indices, heads passed by keyword, plus x-block self-attention
 # ---------------------------------------------------------------------------------------------
@@ -698,7 +733,8 @@ def test_sd3_masactrl_style_reference_p2p_through_the_override(tiny_sd3, tiny_cl
     assert kinds == {"joint": 4, "image": 4}               # layers 1-2 at steps 1-2, joint and image self-attention
     for node, args in ((StyleAlignedNode, (tiny_sd3, True, True, False, False, 0, -1, 0.0, 1.0, 0.0)),
                        (ReferenceAttentionNode, (tiny_sd3, 1.5, 0.0, 1.0, 0, -1, False)),
-                       (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 1.0, 0.0, "", "circle", 0.3))):
+                       (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 1.0, 0.0, "", "circle", 0.3)),
+                       (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 0.0, 1.0, "", "", 0.3))):
         m = node_out(node.execute(*args))[0]
         out = _sd3_run(m)
         assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
