@@ -11,7 +11,10 @@ Target object queries attend only to source object keys, background queries only
 keys, and the two results are combined by the target mask.
 
 DiTs (SD3, Flux): in the joint attention of the chosen blocks, the image part of the target's keys
-and values is replaced by the source's (its text keys/values stay its own).
+and values is replaced by the source's (its text keys/values stay its own). Mask-guided mode reads
+the words' image-to-text attention of every joint block at the token grid; the target's image
+queries are split as above over the source's object / background image keys (text keys always
+allowed); its text queries attend to all of them.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .controller import Call, Replace, Rows, Technique, attend
+from .controller import Call, Replace, Rows, Technique, attend, attend_dit
 from .maps import CrossAttentionMapStore
 
 _NEG = -3000.0   # logit bias that removes a key (exp(-3000) == 0) without inf arithmetic
@@ -64,6 +67,8 @@ class MasaCtrl(Technique):
             self.applied.setdefault(call.layer, set()).add(call.step)
 
     def wants_dit_call(self, call: Call) -> bool:
+        if self.masks is not None and call.kind == "joint":
+            return True           # every joint block contributes to the word maps
         return self._layer_ok(call.layer) and self._step_ok(call.step)
 
     def attention(self, call: Call, q, k, v):
@@ -71,6 +76,8 @@ class MasaCtrl(Technique):
             if self.masks is not None:
                 self.masks.capture(q, k, call.extra, call.site, call)
             return None
+        if call.kind == "joint" and self.masks is not None:
+            self.masks.capture_dit(q, k, call)
         if not (self._layer_ok(call.layer) and self._step_ok(call.step)):
             return None
         pairs = [p for c in call.chunks for p in c.pairs]
@@ -82,6 +89,10 @@ class MasaCtrl(Technique):
             img = call.img_slice()
             k2, v2 = k.clone(), v.clone()
             k2[t, :, img], v2[t, :, img] = k[s, :, img], v[s, :, img]
+            if self.masks is not None:
+                edit = self._masked_joint(call, q, k2, v2)
+                if edit is not None:
+                    return edit
             return Replace(t, q, k2, v2)
         if call.kind == "image":
             k2, v2 = k.clone(), v.clone()
@@ -129,6 +140,35 @@ class MasaCtrl(Technique):
                     bg = attend(q[t:t + 1], k[s:s + 1], v[s:s + 1], call.extra, bg_bias)
                     w = mt.to(fg.dtype)[None, :, None]
                     out = fg * w + bg * (1 - w)
+                rows.append(t)
+                outs.append(out)
+        if not rows:
+            return None
+        return Rows(rows, torch.cat(outs))
+
+    def _masked_joint(self, call: Call, q, k2, v2):
+        """DiT form: k2/v2 already hold the source's image keys/values in the target rows."""
+        masks = self._row_masks(call)
+        if masks is None:
+            return None
+        img, n_keys = call.img_slice(), k2.shape[2]
+        rows, outs = [], []
+        for c in call.chunks:
+            if masks.shape[0] != c.size:
+                return None
+            for t, s, _ in c.pairs:
+                ms, mt = masks[s - c.start].to(q.device), masks[t - c.start].to(q.device)
+                args = (q[t:t + 1], k2[t:t + 1], v2[t:t + 1])
+                out = attend_dit(call, *args)
+                if bool(ms.any()) and not bool(ms.all()):
+                    fg_bias = torch.zeros(1, n_keys, device=q.device, dtype=q.dtype)
+                    bg_bias = torch.zeros(1, n_keys, device=q.device, dtype=q.dtype)
+                    fg_bias[0, img] = torch.where(ms, 0.0, _NEG).to(q.dtype)
+                    bg_bias[0, img] = torch.where(ms, _NEG, 0.0).to(q.dtype)
+                    fg, bg = attend_dit(call, *args, bias=fg_bias), attend_dit(call, *args, bias=bg_bias)
+                    w = mt.to(out.dtype)[None, :, None]
+                    out = out.clone()
+                    out[:, img] = fg[:, img] * w + bg[:, img] * (1 - w)
                 rows.append(t)
                 outs.append(out)
         if not rows:

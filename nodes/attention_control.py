@@ -228,7 +228,7 @@ class MasaCtrlNode(io.ComfyNode):
                                      "(SD1.5: 10 of 16, SDXL: 44 of 70, DiTs: the same fraction of their blocks)."),
                 io.Int.Input("end_step", default=-1, min=-1, max=10000, tooltip="Stop before this step; -1: run to the end."),
                 io.String.Input("mask_words", default="",
-                                tooltip="Mask-guided mode (UNets): object word(s) of the prompts, e.g. 'cat'; the object "
+                                tooltip="Mask-guided mode (UNets, SD3, Flux): object word(s) of the prompts, e.g. 'cat'; the object "
                                         "attends to the source's object, the background to its background. Empty: off."),
                 io.Float.Input("mask_threshold", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="Threshold of the normalised word maps for the masks."),
@@ -256,7 +256,6 @@ class MasaCtrlNode(io.ComfyNode):
         masks, level = None, 1
         words = split_words(mask_words)
         if words:
-            require(arch == "unet", node, "mask_words", "mask-guided MasaCtrl needs a UNet model (SD1.x/SDXL)", "leave mask_words empty for SD3/Flux")
             require(clip is not None, node, "clip", "mask_words needs the CLIP", "connect the CLIP that encoded the prompts")
             require(bool((source_prompt or "").strip()), node, "source_prompt", "mask_words needs the source prompt", "give the source prompt")
             targets = _targets(target_prompt)

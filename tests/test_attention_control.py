@@ -537,8 +537,8 @@ def test_layer_and_family_errors(tiny_eps, tiny_clip, flux_attn):
         StyleAlignedNode.execute(tiny_eps, True, True, False, False, 3, 2, 0.0, 1.0, 0.0)
     with pytest.raises(ValueError, match=r"input 'share_group_norm'"):
         StyleAlignedNode.execute(flux_attn, True, True, False, True, 0, -1, 0.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match=r"input 'mask_words'.*UNet"):
-        MasaCtrlNode.execute(flux_attn, 1, -1, -1, "circle", 0.1, tiny_clip, SRC, TGT)
+    with pytest.raises(ValueError, match=r"input 'mask_words'.*'square'"):
+        MasaCtrlNode.execute(flux_attn, 1, -1, -1, "square", 0.1, tiny_clip, SRC, TGT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,6 +618,47 @@ def test_flux_masactrl_styles_reference_through_the_override(flux_attn, tiny_cli
         vals = torch.cat([v[1:2], v[0:1, :, img]], 2)
         exp = manual_attention(_heads(q[1:2]), _heads(keys), _heads(vals), q.shape[1])
         torch.testing.assert_close(r.out.double(), exp, atol=2e-5, rtol=1e-4)
+
+
+def test_flux_masactrl_mask_mode(flux_attn, tiny_clip):
+    """Mask-guided MasaCtrl on a DiT: the target's image queries attend to the source's object image keys where
+    the target's mask is set and to its background keys elsewhere (text keys always); text queries see all."""
+    plain = _flux_run(flux_attn, tiny_clip)
+    m = node_out(MasaCtrlNode.execute(flux_attn, 1, 2, -1, "circle", 0.5, tiny_clip, SRC, TGT))[0]
+    tech = find_tech(m)
+    seen = []
+    orig = tech.attention
+
+    def spy_attention(call, q, k, v):
+        r = orig(call, q, k, v)
+        masks = tech._row_masks(call) if isinstance(r, Rows) else None
+        seen.append((call, q.clone(), k.clone(), v.clone(), r, masks))
+        return r
+    tech.attention = spy_attention
+    out = _flux_run(m, tiny_clip)
+    assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
+    assert len(seen) == 3 * 4                                    # every joint block is seen (maps), 2 edited per step
+    edited = [x for x in seen if isinstance(x[4], Rows)]
+    assert [(c.step, c.layer) for c, *_ in edited] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+    checked = 0
+    for call, q, k, v, r, masks in edited:
+        ms, mt = masks[0], masks[1]
+        if not bool(ms.any()) or bool(ms.all()):
+            continue
+        T, I = call.txt, slice(call.txt, call.txt + call.img)
+        keys, vals = torch.cat([k[1:2, :, :T], k[0:1, :, I]], 2).double(), torch.cat([v[1:2, :, :T], v[0:1, :, I]], 2).double()
+        logits = q[1:2].double() @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        keep_fg = torch.cat([torch.ones(T, dtype=torch.bool), ms])
+        keep_bg = torch.cat([torch.ones(T, dtype=torch.bool), ~ms])
+        full = logits.softmax(-1) @ vals
+        fg = logits.masked_fill(~keep_fg, float("-inf")).softmax(-1) @ vals
+        bg = logits.masked_fill(~keep_bg, float("-inf")).softmax(-1) @ vals
+        w = mt.double()[:, None]
+        exp = full.clone()
+        exp[:, :, I] = fg[:, :, I] * w + bg[:, :, I] * (1 - w)
+        torch.testing.assert_close(r.out.double(), _heads(exp), atol=2e-5, rtol=1e-4)
+        checked += 1
+    assert checked >= 2
 
 
 def test_flux_prompt_to_prompt_and_maps(flux_attn, tiny_clip):
@@ -734,7 +775,8 @@ def test_sd3_masactrl_style_reference_p2p_through_the_override(tiny_sd3, tiny_cl
     for node, args in ((StyleAlignedNode, (tiny_sd3, True, True, False, False, 0, -1, 0.0, 1.0, 0.0)),
                        (ReferenceAttentionNode, (tiny_sd3, 1.5, 0.0, 1.0, 0, -1, False)),
                        (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 1.0, 0.0, "", "circle", 0.3)),
-                       (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 0.0, 1.0, "", "", 0.3))):
+                       (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 0.0, 1.0, "", "", 0.3)),
+                       (MasaCtrlNode, (tiny_sd3, 1, 0, -1, "circle", 0.5, tiny_clip, SRC, TGT))):
         m = node_out(node.execute(*args))[0]
         out = _sd3_run(m)
         assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
