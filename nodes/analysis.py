@@ -25,7 +25,7 @@ class AttentionMapsCapture(io.ComfyNode):
             description="Record the cross-attention maps of chosen prompt words while sampling (heads averaged, "
                         "bounded memory). The sampled image is unchanged. Show them with 'Attention Maps (show)'.",
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL or similar)."),
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL or similar), SD3 or Flux."),
                 io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt, used to find each word's tokens."),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The positive prompt exactly as given to CLIP Text Encode (convert it to an "
@@ -34,7 +34,8 @@ class AttentionMapsCapture(io.ComfyNode):
                                 tooltip="Comma-separated words or phrases of the prompt to map, e.g. 'cat, red hat'."),
                 io.Combo.Input("levels", options=LEVELS, default="coarsest two",
                                tooltip="Which attention resolutions to average: the coarsest two levels "
-                                       "(16x16 and 8x8 for SD1.5 at 512 px, the usual choice), only the coarsest, or all."),
+                                       "(16x16 and 8x8 for SD1.5 at 512 px, the usual choice), only the coarsest, or all. "
+                                       "SD3/Flux have one resolution (the token grid): every joint block is averaged."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Capture from this fraction of the sampling steps."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -54,7 +55,7 @@ class AttentionMapsCapture(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, words, levels, start_percent, end_percent, target_prompt="") -> io.NodeOutput:
         node = "EditKitAttentionMaps"
-        require_architecture(model, {"unet"}, node, what="attention-map capture")
+        arch = require_architecture(model, {"unet", "flux", "mmdit"}, node, what="attention-map capture")
         word_list = split_words(words)
         require(bool(word_list), node, "words", "no words given", "type one or more words of the prompt, comma-separated")
         require(start_percent <= end_percent, node, "start_percent", "start_percent is after end_percent",
@@ -69,10 +70,14 @@ class AttentionMapsCapture(io.ComfyNode):
                 if not positions[w] and not any(tw[w] for tw in target_words):
                     raise EditKitInputError(node, "words", f"the word '{w}' is in neither the prompt \"{prompt.strip()[:80]}\" "
                                             "nor the target prompt(s)", "use words that appear in one of the prompts (comma-separated)")
+        elif arch != "unet":   # the DiT's text stream (T5 for Flux and SD3) through the shared aligner
+            positions = alignment.positions(clip, prompt, word_list, model_family(model), node, "words", "prompt")
+            target_words = None
         else:
             positions, target_words = token_positions(clip, prompt, word_list, node), None
         layout = attention_layout(model)
-        lv = select_levels(layout, levels)
+        # DiTs: the image-to-text part of every joint block, at the token grid (one level)
+        lv = select_levels(layout, levels) if arch == "unet" else frozenset({1})
         if not lv:
             raise EditKitInputError(node, "model", "this model has no cross-attention layers", "use a text-conditioned UNet")
         store = CrossAttentionMapStore(positions, lv, start_percent, end_percent, target_words=target_words)

@@ -23,6 +23,14 @@ def test_probs_equal_reference_softmax():
     got = attention_probs(q, k, heads, [1, 3, 6])
     torch.testing.assert_close(got, ref[..., [1, 3, 6]])
     torch.testing.assert_close(attention_probs(q, k, heads, list(range(7))).sum(-1), torch.ones(2, 10))
+    # the (B, heads, L, d) form the DiT path uses, with few heads per block so the chunking is exercised
+    from editkit.attention import maps as M
+    q4, k4 = q.view(2, 10, heads, d).transpose(1, 2), k.view(2, 7, heads, d).transpose(1, 2)
+    old_block, M._PROB_BLOCK_BYTES = M._PROB_BLOCK_BYTES, 2 * 10 * 7 * 4
+    try:
+        torch.testing.assert_close(M.attention_probs_heads(q4, k4, [1, 3, 6]), ref[..., [1, 3, 6]])
+    finally:
+        M._PROB_BLOCK_BYTES = old_block
 
 
 def test_capture_is_bit_identical_and_maps_are_real(tiny_eps, tiny_clip, encode):
@@ -83,8 +91,8 @@ def test_errors(tiny_eps, tiny_clip, tiny_flux, tiny_vae):
         capture(tiny_eps, tiny_clip, words="red, green")
     with pytest.raises(ValueError, match=r"input 'words'"):
         capture(tiny_eps, tiny_clip, words=" , ")
-    with pytest.raises(ValueError, match=r"input 'model'"):
-        capture(tiny_flux, tiny_clip)
+    with pytest.raises(ValueError, match=r"input 'words'.*'green'"):
+        capture(tiny_flux, tiny_clip, words="green")
     _, store = capture(tiny_eps, tiny_clip)
     with pytest.raises(ValueError, match=r"EditKitShowAttentionMaps: input 'attention_maps'"):
         AttentionMapsShow.execute(store, torch.zeros(1, 64, 64, 3), 0.5, "jet")
@@ -145,3 +153,27 @@ def test_both_branches_side_by_side(tiny_eps, tiny_clip, tiny_vae, encode):
     with pytest.raises(ValueError, match=r"input 'words'.*'green'.*neither"):
         AttentionMapsCapture.execute(model, tiny_clip, src, "green", "all", 0.0, 1.0, tgt)
     assert plain_store.words == ["circle"]
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_dit_capture_at_the_token_grid(arch, tiny_flux, tiny_clip, tiny_vae, encode):
+    """SD3/Flux: image-to-text maps of every joint block at the token grid (latent / patch 2), one capture per
+    block per step on the conditional branch, and the sample bit-identical to plain sampling."""
+    from editkit.builtin_models.tiny import tiny_sd3
+    model = tiny_flux if arch == "flux" else tiny_sd3(depth=2)
+    g = torch.Generator().manual_seed(0)
+    if arch == "flux":
+        pos, neg = encode(PROMPT), encode("")
+    else:   # SD3 wants a pooled output of adm_in_channels; the tiny CLIP's context fits the tiny MMDiT
+        pos = [[encode(PROMPT)[0][0], {"pooled_output": torch.randn(1, 32, generator=g)}]]
+        neg = [[encode("")[0][0], {"pooled_output": torch.zeros(1, 32)}]]
+    lat = torch.zeros(1, 16, 8, 8)
+    plain = sample_ksampler(model, pos, neg, lat, steps=3)
+    m, store = capture(model, tiny_clip, words="red, square")
+    out = sample_ksampler(m, pos, neg, lat, steps=3)
+    assert torch.equal(out, plain)
+    maps = store.maps()
+    assert maps.shape == (1, 2, 4, 4) and set(store.sums) == {1}
+    assert store.steps_seen == {0, 1, 2}
+    assert store.counts[1] == (4 if arch == "flux" else 2) * 3          # joint blocks x steps
+    assert all(maps[0, j].std() > 0.01 for j in range(2)) and not torch.allclose(maps[0, 0], maps[0, 1])
