@@ -260,7 +260,7 @@ def phase_vae(a, st):
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         opt.step()
         step += 1
-        if a.adaptive_threads and step % 25 == 0:
+        if a.adaptive_threads and (step == 1 or step % 25 == 0):   # early: a busy start costs 15x
             adapt_threads(a)
         hist.append((l1.item(), mse.item(), kl.item()))
         if step % 50 == 0 or step == total:
@@ -480,7 +480,7 @@ def phase_unet(a, st):
         step += 1
         ema_update(((unet.state_dict(), ema_u), (te.transformer.state_dict(), ema_t)), step, a.ema)
         hist.append(loss_each.mean().item())
-        if a.adaptive_threads and step % 25 == 0:
+        if a.adaptive_threads and (step == 1 or step % 25 == 0):   # early: a busy start costs 15x
             adapt_threads(a)
         if step % 50 == 0 or step == a.unet_steps:
             now = time.time()
@@ -607,7 +607,7 @@ def phase_weak(a, st):
         step += 1
         ema_update(((unet.state_dict(), ema_u),), step, a.weak_ema)
         hist.append(loss_each.mean().item())
-        if a.adaptive_threads and step % 25 == 0:
+        if a.adaptive_threads and (step == 1 or step % 25 == 0):   # early: a busy start costs 15x
             adapt_threads(a)
         if step % 25 == 0 or step == a.weak_steps:
             now = time.time()
