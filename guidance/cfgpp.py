@@ -35,8 +35,8 @@ def _lambda(flow: bool, sigma: float) -> float:
 
 @torch.no_grad()
 def sample_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, solver="euler"):
-    import comfy.k_diffusion.sampling as K
     import comfy.model_patcher
+    from tqdm.auto import trange   # newer ComfyUI's k-diffusion module no longer guarantees its own trange
 
     from ..core import denoiser
     extra_args = dict(extra_args or {})
@@ -53,7 +53,7 @@ def sample_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None
     extra_args["model_options"] = comfy.model_patcher.set_model_options_post_cfg_function(mo, post_cfg)
     s_in = x.new_ones([x.shape[0]])
     old_u = None
-    for i in K.trange(len(sigmas) - 1, disable=disable):
+    for i in trange(len(sigmas) - 1, disable=disable):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         captured.clear()
         denoised = model(x, sigmas[i] * s_in, **extra_args)

@@ -33,7 +33,10 @@ class GradWeight(SharedPatch):
 
 def gradient_clone(model):
     """A clone of `model` whose diffusion-model weights can take part in autograd (user's model untouched)."""
-    m = model.clone()
+    # Newer ComfyUI's dynamic-VRAM patcher attaches weight wrappers only to large modules; the gradient
+    # needs every weight wrapped, so take the classic (non-dynamic) patcher where that exists.
+    is_dynamic = getattr(model, "is_dynamic", None)
+    m = model.clone(disable_dynamic=True) if callable(is_dynamic) and is_dynamic() else model.clone()
     wrapper = GradWeight()
     for name, _ in m.model.diffusion_model.named_parameters():
         m.add_weight_wrapper("diffusion_model." + name, wrapper)

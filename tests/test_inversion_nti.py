@@ -96,3 +96,29 @@ def test_nti_beats_ddim_on_the_trained_toy_model():
     ddim75_err = sampler_space_error(model, reconstruct(model, ddim75), lat)
     assert nti_err * 10 <= ddim75_err, (nti_err, ddim75_err)
     assert used <= steps * 10
+
+
+def test_gradient_clone_leaves_the_dynamic_vram_patcher(tiny_eps):
+    """Newer ComfyUI (dynamic VRAM) wraps only large modules' weights; NTI's gradient clone asks for the classic
+    patcher there (clone(disable_dynamic=True)), and every diffusion-model weight gets the gradient wrapper."""
+    from editkit.samplers.null_text import GradWeight, gradient_clone
+
+    class DynamicPatcher(type(tiny_eps)):
+        asked = []
+
+        def is_dynamic(self):
+            return True
+
+        def clone(self, disable_dynamic=False, **kw):
+            DynamicPatcher.asked.append(disable_dynamic)
+            return tiny_eps.clone()
+
+    dyn = tiny_eps.clone()
+    dyn.__class__ = DynamicPatcher
+    m = gradient_clone(dyn)
+    assert DynamicPatcher.asked == [True]
+    names = {n for n, _ in tiny_eps.model.diffusion_model.named_parameters()}
+    wrapped = {k.removeprefix("diffusion_model.") for k, v in m.weight_wrapper_patches.items()
+               if any(isinstance(w, GradWeight) for w in v)}
+    assert wrapped == names
+    assert not tiny_eps.weight_wrapper_patches                     # the user's model is untouched
