@@ -33,7 +33,8 @@ import torch
 
 from ..core import denoiser
 from ..core.introspect import AttnSite, attention_layout
-from ..core.patches import SharedPatch, add_wrapper, chain_attention_override, chain_attn_replace, default_attention
+from ..core.patches import (SharedPatch, add_wrapper, chain_attention_override, chain_attn_replace, chain_dit_block_replace,
+                            default_attention)
 
 SOURCE, TARGET = "source", "target"
 BRANCHES_KEY = "editkit_branches"
@@ -249,6 +250,10 @@ class Technique(SharedPatch):
         """Optional post-CFG hook; return the denoised batch (None: not used)."""
         return None
 
+    def dit_block_patches(self, layout) -> list:
+        """Optional DiT block replace patches: [(kind, index, make(prev) -> patch)], chained to the slot's occupant."""
+        return []
+
     # --- per run --------------------------------------------------------------------------------
     def begin_run(self):
         with self.lock:
@@ -456,6 +461,9 @@ def install(m, tech: Technique) -> dict:
         chain_attention_override(m, lambda prev: _DitOverride(tech, prev))
         add_wrapper(m, pe.WrappersMP.APPLY_MODEL, f"attention_control.dit.{id(tech)}", _dit_wrapper(tech, layout))
         patched["dit"] = True
+        for kind, index, make in tech.dit_block_patches(layout):
+            chain_dit_block_replace(m, kind, index, make)
+            patched.setdefault("dit_blocks", []).append((kind, index))
     if type(tech).post_cfg is not Technique.post_cfg:
         m.set_model_sampler_post_cfg_function(lambda args: _post_cfg(tech, args))
 

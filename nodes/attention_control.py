@@ -284,36 +284,47 @@ class PlugAndPlayNode(io.ComfyNode):
             category=CATEGORY,
             description="Plug-and-Play (Tumanyan et al.): the target is generated from the source's structure by injecting "
                         "the source's decoder residual features (early steps) and its decoder self-attention queries/keys. "
-                        + ORDER_NOTE + " SD1.x/SDXL UNets.",
+                        + ORDER_NOTE + " SD1.x/SDXL UNets; SD3/Flux by block-output injection (see the inputs).",
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL)."),
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL), SD3 or Flux."),
                 io.Float.Input("feature_injection", default=0.8, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps (from the start) with residual-feature injection (paper: 0.8)."),
                 io.Float.Input("attention_injection", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps with self-attention Q/K injection (paper: 0.5)."),
                 io.Int.Input("feature_block", default=-1, min=-1, max=100,
                              tooltip="Decoder (output) block whose features are injected; -1: the paper's layer 4 "
-                                     "(SD1.5 output block 4; the same position for other UNets)."),
+                                     "(SD1.5 output block 4; the same position for other UNets). SD3/Flux: the double "
+                                     "block whose image-token output the target takes from the source; -1: the middle one."),
                 io.Int.Input("attention_block", default=-1, min=-1, max=100,
-                             tooltip="Q/K injection in decoder blocks from this one on; -1: from the feature block (SD1.5: 4-11)."),
+                             tooltip="Q/K injection in decoder blocks from this one on; -1: from the feature block (SD1.5: 4-11). "
+                                     "SD3/Flux: image queries/keys of the joint attention from this block on (double, "
+                                     "then single blocks in execution order); -1: from the feature block."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with Plug-and-Play installed.")],
         )
 
     @classmethod
     def execute(cls, model, feature_injection, attention_injection, feature_block, attention_block) -> io.NodeOutput:
-        from ..attention.pnp import PlugAndPlay, default_blocks
+        from ..attention.pnp import PlugAndPlay, default_blocks, default_dit_block
         node = "EditKitPlugAndPlay"
-        require_architecture(model, {"unet"}, node, what="Plug-and-Play")
+        arch = require_architecture(model, {"unet", "flux", "mmdit"}, node, what="Plug-and-Play")
         layout = attention_layout(model)
-        fb, ab = default_blocks(layout)
-        n_out = len(model.get_model_object("diffusion_model").output_blocks)
+        if arch == "unet":
+            fb, ab = default_blocks(layout)
+            n_fb = n_ab = len(model.get_model_object("diffusion_model").output_blocks)
+            what_fb = what_ab = "output block"
+        else:
+            fb = default_dit_block(layout)
+            n_fb = sum(1 for b in layout.dit_blocks if b.kind == "double_block")
+            ab = fb   # layers in execution order start with the double blocks
+            n_ab = len(layout.dit_blocks)
+            what_fb, what_ab = "double block", "block (double, then single, in execution order)"
         fb = fb if feature_block < 0 else feature_block
         ab = ab if attention_block < 0 else attention_block
-        if fb >= n_out:
-            raise EditKitInputError(node, "feature_block", f"output block {fb} does not exist (this UNet has {n_out})", f"use -1 or 0..{n_out - 1}")
-        if ab >= n_out:
-            raise EditKitInputError(node, "attention_block", f"output block {ab} does not exist (this UNet has {n_out})", f"use -1 or 0..{n_out - 1}")
+        if fb >= n_fb:
+            raise EditKitInputError(node, "feature_block", f"{what_fb} {fb} does not exist (this model has {n_fb})", f"use -1 or 0..{n_fb - 1}")
+        if ab >= n_ab:
+            raise EditKitInputError(node, "attention_block", f"{what_ab} {ab} does not exist (this model has {n_ab})", f"use -1 or 0..{n_ab - 1}")
         m = model.clone()
         install(m, PlugAndPlay(fb, feature_injection, ab, attention_injection))
         return io.NodeOutput(m)

@@ -531,8 +531,8 @@ def test_reference_attention_batch_and_latent(tiny_eps, tiny_clip, encode):
 def test_layer_and_family_errors(tiny_eps, tiny_clip, flux_attn):
     with pytest.raises(ValueError, match=r"input 'start_layer'.*7 attention layers"):
         MasaCtrlNode.execute(tiny_eps, 4, 7, -1, "", 0.1)
-    with pytest.raises(ValueError, match=r"EditKitPlugAndPlay: input 'model'"):
-        PlugAndPlayNode.execute(flux_attn, 0.8, 0.5, -1, -1)
+    with pytest.raises(ValueError, match=r"EditKitPlugAndPlay: input 'feature_block'.*double block 2"):
+        PlugAndPlayNode.execute(flux_attn, 0.8, 0.5, 2, -1)
     with pytest.raises(ValueError, match=r"input 'end_layer'"):
         StyleAlignedNode.execute(tiny_eps, True, True, False, False, 3, 2, 0.0, 1.0, 0.0)
     with pytest.raises(ValueError, match=r"input 'share_group_norm'"):
@@ -661,6 +661,39 @@ def test_flux_masactrl_mask_mode(flux_attn, tiny_clip):
     assert checked >= 2
 
 
+def test_flux_plug_and_play_block_output_and_qk(flux_attn, tiny_clip):
+    """DiT Plug-and-Play: the target leaves double block 1 (the middle one) with the source's image tokens for
+    the first 80 % of the steps, and from layer 1 on its joint-attention image queries/keys are the source's
+    for the first 50 % (its text tokens stay its own)."""
+    from editkit.core.patches import call_dit_block, chain_dit_block_replace
+    plain = _flux_run(flux_attn, tiny_clip, steps=5)
+    base = flux_attn.clone()
+    spy = OverrideSpy(base)                                   # sees the q/k/v Plug-and-Play hands on
+    m = node_out(PlugAndPlayNode.execute(base, 0.8, 0.5, -1, -1))[0]
+    outs = []
+
+    def make(prev):
+        def after(args, extra):                               # installed after PnP: sees its block output
+            out = call_dit_block(prev, args, extra)
+            outs.append(out["img"].clone())
+            return out
+        return after
+    chain_dit_block_replace(m, "double_block", 1, make)
+    out = _flux_run(m, tiny_clip, steps=5)
+    assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
+    tech = find_tech(m)
+    assert tech.applied[("features", 1)] == {0, 1, 2, 3}       # progress 0, .2, .4, .6 < 0.8
+    assert [torch.equal(o[1], o[0]) for o in outs] == [True] * 4 + [False]
+    assert {k: v for k, v in tech.applied.items() if k[0] == "joint"} == {("joint", l): {0, 1, 2} for l in (1, 2, 3)}
+    T = 77
+    for c in spy.calls:
+        layer = c["block"][1] + (2 if c["block"][0] == "single" else 0)
+        q, k = c["q"], c["k"]
+        same = torch.equal(q[1, :, T:], q[0, :, T:]) and torch.equal(k[1, :, T:], k[0, :, T:])
+        assert same == (layer >= 1 and c["step"] <= 2), (layer, c["step"])
+        assert not torch.equal(k[1, :, :T], k[0, :, :T])        # the target's text keys stay its own
+
+
 def test_flux_prompt_to_prompt_and_maps(flux_attn, tiny_clip):
     import editkit.attention.prompt_to_prompt as P
     plain = _flux_run(flux_attn, tiny_clip)
@@ -776,7 +809,8 @@ def test_sd3_masactrl_style_reference_p2p_through_the_override(tiny_sd3, tiny_cl
                        (ReferenceAttentionNode, (tiny_sd3, 1.5, 0.0, 1.0, 0, -1, False)),
                        (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 1.0, 0.0, "", "circle", 0.3)),
                        (PromptToPromptNode, (tiny_sd3, tiny_clip, SRC, TGT, "auto", 0.0, 1.0, "", "", 0.3)),
-                       (MasaCtrlNode, (tiny_sd3, 1, 0, -1, "circle", 0.5, tiny_clip, SRC, TGT))):
+                       (MasaCtrlNode, (tiny_sd3, 1, 0, -1, "circle", 0.5, tiny_clip, SRC, TGT)),
+                       (PlugAndPlayNode, (tiny_sd3, 0.8, 0.5, 0, 0))):
         m = node_out(node.execute(*args))[0]
         out = _sd3_run(m)
         assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
