@@ -640,3 +640,36 @@ def test_sd3_joint_blocks(lora_dir):
             assert k not in m2.patches
         elif unit in ("D01", "D02"):
             assert [p[0] for p in m2.patches[k]] == [1.0 if unit == "D01" else 0.5], k
+
+
+@pytest.mark.parametrize("kind", ["oft", "boft"])
+def test_oft_and_boft_merge_as_their_effective_delta(resolver, targets, kind):
+    """LyCORIS OFT / BOFT (orthogonal block rotations of the weight): merged as what ComfyUI's own adapter does to
+    the model's weight, and a merged file reloads through ComfyUI's loader with that delta."""
+    import comfy.lora
+    unet = [k for k in targets if k.startswith("diffusion_model.") and len(resolver.shape(k)) == 2
+            and resolver.shape(k)[0] % 8 == 0][:3]
+    assert unet
+    g = torch.Generator().manual_seed(91)
+    sd = {}
+    for k in unet:
+        out_dim = resolver.shape(k)[0]
+        block = 8
+        shape = (out_dim // block, block, block) if kind == "oft" else (2, out_dim // block, block, block)
+        sd[f"{resolver.name_for(k)}.oft_blocks"] = 0.05 * torch.randn(shape, generator=g)
+        sd[f"{resolver.name_for(k)}.alpha"] = torch.tensor(0.0)
+        if kind == "oft":
+            sd[f"{resolver.name_for(k)}.rescale"] = 1.0 + 0.1 * torch.rand(out_dim, 1, generator=g)
+    parsed = formats.parse(sd, resolver, kind)
+    patches = comfy.lora.load_lora(sd, resolver.key_map, log_missing=False)
+    assert set(unet) <= set(patches) and type(patches[unet[0]]).__name__.lower().startswith(kind)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"editkit_test_{kind}.safetensors")
+    merge.merge_to_file([parsed], [1.0], resolver, merge.MergeParams("concat", dtype=torch.float32), path)
+    out = st_io.load_mapped(path)
+    for k in unet:
+        w = resolver.weight(k).float()
+        want = comfy.lora.calculate_weight([(1.0, patches[k], 1.0, None, None)], w.clone(), k) - w
+        assert float(want.abs().max()) > 0
+        got = merged_delta(out, resolver, k)
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max())), k
+    os.remove(path)
