@@ -174,8 +174,7 @@ def test_cli_runtime_error_keeps_earlier_outputs(tmp_path, cli):
     data = json.load(open(path))
     # make the edit branch fail at run time: SDEdit's latent from a latent of the wrong channel count
     ids = {n["type"]: n["id"] for n in data["nodes"]}
-    if "EditKitSDEdit" not in ids:
-        pytest.skip("no SDEdit node")
+    assert "EditKitSDEdit" in ids, "sdedit.json lost its EditKitSDEdit node"
     data["nodes"].append({"id": 99, "type": "EmptyHunyuanLatentVideo", "mode": 0, "inputs": [],
                           "outputs": [{"type": "LATENT", "links": [999]}], "widgets_values": [64, 64, 1, 1]})
     sd = next(n for n in data["nodes"] if n["type"] == "EditKitSDEdit")

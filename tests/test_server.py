@@ -84,8 +84,7 @@ def test_workflow_runs_on_the_server(path, comfy_server, tmp_path):
 
 def test_server_node_errors_name_node_and_input(comfy_server, tmp_path):
     wf = os.path.join(ROOT, "workflows", "sdedit.json")
-    if not os.path.exists(wf):
-        pytest.skip("sdedit.json not shipped")
+    assert os.path.exists(wf), wf
     proc, summary = run_cli(wf, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
                             "--set", "KSampler.steps=abc")
     assert proc.returncode == 2
@@ -96,8 +95,7 @@ def test_server_node_errors_name_node_and_input(comfy_server, tmp_path):
 
 def test_server_runtime_error_keeps_earlier_outputs(comfy_server, tmp_path):
     wf = os.path.join(ROOT, "workflows", "attention_maps.json")
-    if not os.path.exists(wf):
-        pytest.skip("attention_maps.json not shipped")
+    assert os.path.exists(wf), wf
     proc, summary = run_cli(wf, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
                             "--set", "EditKitAttentionMaps.words=")
     assert proc.returncode == 1, proc.stderr
