@@ -89,8 +89,9 @@ class MasaCtrl(Technique):
             img = call.img_slice()
             k2, v2 = k.clone(), v.clone()
             k2[t, :, img], v2[t, :, img] = k[s, :, img], v[s, :, img]
-            if self.masks is not None:
-                edit = self._masked_joint(call, q, k2, v2)
+            if self.masks is not None:   # k2/v2 already hold the source's image keys/values in the target rows
+                edit = self._masked(call, q, lambda t, s: (k2[t:t + 1], v2[t:t + 1]),
+                                    lambda a, b, c, bias=None: attend_dit(call, a, b, c, bias), img)
                 if edit is not None:
                     return edit
             return Replace(t, q, k2, v2)
@@ -99,7 +100,8 @@ class MasaCtrl(Technique):
             k2[t], v2[t] = k[s], v[s]
             return Replace(t, q, k2, v2)
         if self.masks is not None:
-            edit = self._masked(call, q, k, v)
+            edit = self._masked(call, q, lambda t, s: (k[s:s + 1], v[s:s + 1]),
+                                lambda a, b, c, bias=None: attend(a, b, c, call.extra, bias))
             if edit is not None:
                 return edit
         k2, v2 = k.clone(), v.clone()
@@ -121,54 +123,36 @@ class MasaCtrl(Technique):
         m = F.interpolate(m, size=call.hw, mode="bilinear", align_corners=False)
         return (m > self.threshold).flatten(1)
 
-    def _masked(self, call: Call, q, k, v):
-        masks = self._row_masks(call)
-        if masks is None:
-            return None
-        rows, outs = [], []
-        for c in call.chunks:
-            if masks.shape[0] != c.size:
-                return None
-            for t, s, _ in c.pairs:
-                ms, mt = masks[s - c.start].to(q.device), masks[t - c.start].to(q.device)
-                if not bool(ms.any()) or bool(ms.all()):
-                    out = attend(q[t:t + 1], k[s:s + 1], v[s:s + 1], call.extra)
-                else:
-                    fg_bias = torch.where(ms, 0.0, _NEG)[None].to(q.dtype)
-                    bg_bias = torch.where(ms, _NEG, 0.0)[None].to(q.dtype)
-                    fg = attend(q[t:t + 1], k[s:s + 1], v[s:s + 1], call.extra, fg_bias)
-                    bg = attend(q[t:t + 1], k[s:s + 1], v[s:s + 1], call.extra, bg_bias)
-                    w = mt.to(fg.dtype)[None, :, None]
-                    out = fg * w + bg * (1 - w)
-                rows.append(t)
-                outs.append(out)
-        if not rows:
-            return None
-        return Rows(rows, torch.cat(outs))
+    def _masked(self, call: Call, q, kv, attn, img: slice = slice(None)):
+        """Target queries over the source's object / background keys, mixed by the target's mask.
 
-    def _masked_joint(self, call: Call, q, k2, v2):
-        """DiT form: k2/v2 already hold the source's image keys/values in the target rows."""
+        kv(t, s) gives the (1, ...) keys/values a target row reads, attn(q, k, v, bias=None) the layer's
+        attention; `img` selects the image tokens among queries and keys (UNets: all of them)."""
         masks = self._row_masks(call)
         if masks is None:
             return None
-        img, n_keys = call.img_slice(), k2.shape[2]
         rows, outs = [], []
         for c in call.chunks:
             if masks.shape[0] != c.size:
                 return None
             for t, s, _ in c.pairs:
                 ms, mt = masks[s - c.start].to(q.device), masks[t - c.start].to(q.device)
-                args = (q[t:t + 1], k2[t:t + 1], v2[t:t + 1])
-                out = attend_dit(call, *args)
-                if bool(ms.any()) and not bool(ms.all()):
-                    fg_bias = torch.zeros(1, n_keys, device=q.device, dtype=q.dtype)
-                    bg_bias = torch.zeros(1, n_keys, device=q.device, dtype=q.dtype)
+                qr, (kr, vr) = q[t:t + 1], kv(t, s)
+                if not bool(ms.any()) or bool(ms.all()):
+                    out = attn(qr, kr, vr)
+                else:
+                    fg_bias = torch.zeros(1, kr.shape[-2], device=q.device, dtype=q.dtype)
+                    bg_bias = torch.zeros(1, kr.shape[-2], device=q.device, dtype=q.dtype)
                     fg_bias[0, img] = torch.where(ms, 0.0, _NEG).to(q.dtype)
                     bg_bias[0, img] = torch.where(ms, _NEG, 0.0).to(q.dtype)
-                    fg, bg = attend_dit(call, *args, bias=fg_bias), attend_dit(call, *args, bias=bg_bias)
-                    w = mt.to(out.dtype)[None, :, None]
-                    out = out.clone()
-                    out[:, img] = fg[:, img] * w + bg[:, img] * (1 - w)
+                    fg, bg = attn(qr, kr, vr, fg_bias), attn(qr, kr, vr, bg_bias)
+                    w = mt.to(fg.dtype)[None, :, None]
+                    mix = fg[:, img] * w + bg[:, img] * (1 - w)
+                    if img == slice(None):
+                        out = mix
+                    else:   # the text queries keep the unmasked attention
+                        out = attn(qr, kr, vr).clone()
+                        out[:, img] = mix
                 rows.append(t)
                 outs.append(out)
         if not rows:

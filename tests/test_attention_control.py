@@ -572,6 +572,19 @@ def _flux_run(model, clip, steps=3, src=SRC, tgt=TGT):
     return nodes.common_ksampler(model, 1, steps, 1.0, "euler", "simple", cond, cond, lat)[0]["samples"]
 
 
+def record_attention(tech, extra=None):
+    """Wrap the technique's attention to record (call, q, k, v, result[, extra(call, result)]) per call."""
+    seen, orig = [], tech.attention
+
+    def spy(call, q, k, v):
+        r = orig(call, q, k, v)
+        rec = (call, q.clone(), k.clone(), v.clone(), r)
+        seen.append(rec + (extra(call, r),) if extra else rec)
+        return r
+    tech.attention = spy
+    return seen
+
+
 def _heads(x):   # (B, H, L, d) -> manual_attention's (B, L, H*d)
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
@@ -601,14 +614,7 @@ def test_flux_masactrl_styles_reference_through_the_override(flux_attn, tiny_cli
                        (ReferenceAttentionNode, (flux_attn, 1.0, 0.0, 1.0, 0, -1, False))):
         m = node_out(node.execute(*args))[0]
         tech = find_tech(m)
-        seen = []
-        orig = tech.attention
-
-        def spy_attention(call, q, k, v, orig=orig):
-            r = orig(call, q, k, v)
-            seen.append((call, q.clone(), k.clone(), v.clone(), r))
-            return r
-        tech.attention = spy_attention
+        seen = record_attention(tech)
         out = _flux_run(m, tiny_clip)
         assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
         assert len(seen) == 3 * 4 and all(isinstance(r, Rows) and r.rows == [1] for *_, r in seen)
@@ -626,15 +632,7 @@ def test_flux_masactrl_mask_mode(flux_attn, tiny_clip):
     plain = _flux_run(flux_attn, tiny_clip)
     m = node_out(MasaCtrlNode.execute(flux_attn, 1, 2, -1, "circle", 0.5, tiny_clip, SRC, TGT))[0]
     tech = find_tech(m)
-    seen = []
-    orig = tech.attention
-
-    def spy_attention(call, q, k, v):
-        r = orig(call, q, k, v)
-        masks = tech._row_masks(call) if isinstance(r, Rows) else None
-        seen.append((call, q.clone(), k.clone(), v.clone(), r, masks))
-        return r
-    tech.attention = spy_attention
+    seen = record_attention(tech, lambda call, r: tech._row_masks(call) if isinstance(r, Rows) else None)
     out = _flux_run(m, tiny_clip)
     assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
     assert len(seen) == 3 * 4                                    # every joint block is seen (maps), 2 edited per step
@@ -702,14 +700,7 @@ def test_flux_prompt_to_prompt_and_maps(flux_attn, tiny_clip):
     assert torch.equal(_flux_run(m_id, tiny_clip, src=SRC, tgt=SRC), same)         # identity edit: bit-identical
     m = node_out(PromptToPromptNode.execute(flux_attn, tiny_clip, SRC, TGT, "auto", 1.0, 0.0, "", "circle, blue", 0.3))[0]
     tech = find_tech(m)
-    seen = []
-    orig = tech.attention
-
-    def spy_attention(call, q, k, v):
-        r = orig(call, q, k, v)
-        seen.append((call, q.clone(), k.clone(), v.clone(), r))
-        return r
-    tech.attention = spy_attention
+    seen = record_attention(tech)
     out = _flux_run(m, tiny_clip)
     assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
     # independent reference: image queries of the target take the source's text distribution with their own text mass
@@ -737,14 +728,7 @@ def test_flux_prompt_to_prompt_self_replacement(flux_attn, tiny_clip, cross):
     plain = _flux_run(flux_attn, tiny_clip)
     m = node_out(PromptToPromptNode.execute(flux_attn, tiny_clip, SRC, TGT, "auto", cross, 1.0, "", "", 0.3))[0]
     tech = find_tech(m)
-    seen = []
-    orig = tech.attention
-
-    def spy_attention(call, q, k, v):
-        r = orig(call, q, k, v)
-        seen.append((call, q.clone(), k.clone(), v.clone(), r))
-        return r
-    tech.attention = spy_attention
+    seen = record_attention(tech)
     out = _flux_run(m, tiny_clip)
     assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
     assert {k for k in tech.applied if k[0] == "joint_self"} == {("joint_self", l) for l in range(4)}

@@ -2,7 +2,7 @@
 from .common import SOURCE_PROMPT, builder, decode_and_save, model_loader
 
 
-def _prompts(b, ld, negative="blurry, dark"):
+def prompt_pair(b, ld, negative="blurry, dark"):
     pos = b.add("CLIPTextEncode", (380, 40), title="Positive prompt", text=SOURCE_PROMPT, size=(300, 100))
     neg = b.add("CLIPTextEncode", (380, 180), title="Negative prompt", text=negative, size=(300, 100))
     b.connect(ld.out("clip"), pos, "clip")
@@ -10,11 +10,29 @@ def _prompts(b, ld, negative="blurry, dark"):
     return pos, neg
 
 
+def sample_with_guider(b, ld, guider, prefix, steps=12):
+    """12 Euler steps from a 128x128 empty latent through SamplerCustomAdvanced with `guider`, decoded and
+    saved; returns the BasicScheduler node (its sigmas also feed plots)."""
+    sched = b.add("BasicScheduler", (720, 220), scheduler="normal", steps=steps, denoise=1.0, size=(280, 110))
+    b.connect(ld.out("model"), sched, "model")
+    ksel = b.add("KSamplerSelect", (720, 370), sampler_name="euler", size=(280, 60))
+    noise = b.add("RandomNoise", (720, 470), noise_seed=1, size=(280, 80))
+    empty = b.add("EmptyLatentImage", (720, 590), width=128, height=128, batch_size=1, size=(280, 110))
+    sca = b.add("SamplerCustomAdvanced", (1040, 40), size=(260, 130))
+    b.connect(noise.out(0), sca, "noise")
+    b.connect(guider.out(0), sca, "guider")
+    b.connect(ksel.out(0), sca, "sampler")
+    b.connect(sched.out(0), sca, "sigmas")
+    b.connect(empty.out(0), sca, "latent_image")
+    decode_and_save(b, sca.out(0), ld.out("vae"), (1340, 40), prefix)
+    return sched
+
+
 def guidance_stack():
     """CFG ramp x guidance interval, APG and PAG stacked in one EditKitGuider, plus the plot of the scales."""
     b = builder()
     ld = model_loader(b)
-    pos, neg = _prompts(b, ld)
+    pos, neg = prompt_pair(b, ld)
     ramp = b.add("EditKitGuidanceSchedule", (20, 420), title="CFG ramp (increasing)", kind="linear", start_value=0.6,
                  end_value=1.2, start_percent=0.0, end_percent=1.0, over="progress", size=(300, 250))
     interval = b.add("EditKitGuidanceSchedule", (20, 700), title="Guidance interval", kind="interval", start_value=1.0,
@@ -31,18 +49,7 @@ def guidance_stack():
     b.connect(pos.out(0), guider, "positive")
     b.connect(neg.out(0), guider, "negative")
     b.connect(pag.out(0), guider, "terms")
-    sched = b.add("BasicScheduler", (720, 220), scheduler="normal", steps=12, denoise=1.0, size=(280, 110))
-    b.connect(ld.out("model"), sched, "model")
-    ksel = b.add("KSamplerSelect", (720, 370), sampler_name="euler", size=(280, 60))
-    noise = b.add("RandomNoise", (720, 470), noise_seed=1, size=(280, 80))
-    empty = b.add("EmptyLatentImage", (720, 590), width=128, height=128, batch_size=1, size=(280, 110))
-    sca = b.add("SamplerCustomAdvanced", (1040, 40), size=(260, 130))
-    b.connect(noise.out(0), sca, "noise")
-    b.connect(guider.out(0), sca, "guider")
-    b.connect(ksel.out(0), sca, "sampler")
-    b.connect(sched.out(0), sca, "sigmas")
-    b.connect(empty.out(0), sca, "latent_image")
-    decode_and_save(b, sca.out(0), ld.out("vae"), (1340, 40), "editkit_guidance_stack")
+    sched = sample_with_guider(b, ld, guider, "editkit_guidance_stack")
     plot = b.add("EditKitGuidancePlot", (1040, 380), cfg=6.0, size=(280, 100))
     b.connect(sched.out(0), plot, "sigmas")
     b.connect(pag.out(0), plot, "terms")
@@ -55,7 +62,7 @@ def cfg_schedule_ksampler():
     """The guidance interval as a MODEL patch for KSampler: the unconditional pass is skipped outside it."""
     b = builder()
     ld = model_loader(b)
-    pos, neg = _prompts(b, ld)
+    pos, neg = prompt_pair(b, ld)
     interval = b.add("EditKitGuidanceSchedule", (20, 420), title="Guidance interval", kind="interval", start_value=1.0,
                      sigma_low=0.28, sigma_high=5.42, size=(300, 250))
     patch = b.add("EditKitCFGSchedule", (380, 320), size=(280, 60))
@@ -78,7 +85,7 @@ def _compare(prefix, cfg, add_terms, sampler="euler", cfgpp=False, steps=12, see
     last node of a term chain (or None); `cfgpp` swaps the sampler for EditKitSamplerCFGPP."""
     b = builder()
     ld = model_loader(b)
-    pos, neg = _prompts(b, ld, negative=negative)
+    pos, neg = prompt_pair(b, ld, negative=negative)
     noise = b.add("RandomNoise", (720, 40), noise_seed=seed, size=(280, 80))
     sched = b.add("BasicScheduler", (720, 160), scheduler="normal", steps=steps, denoise=1.0, size=(280, 110))
     b.connect(ld.out("model"), sched, "model")
