@@ -3,7 +3,7 @@
 ComfyUI loads this package from custom_nodes/ and calls comfy_entrypoint(); the node modules are
 imported then, and they import only torch, comfy and EditKit's own small modules.
 """
-from comfy_api.latest import ComfyExtension
+from .nodes.api import ComfyExtension
 
 WEB_DIRECTORY = "./web"
 

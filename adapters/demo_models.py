@@ -178,15 +178,20 @@ def make_controlnet(unet_config: dict, seed: int = 13) -> tuple[dict, dict]:
     return sd, {CONTROLNET_KEY: json.dumps(cfg)}
 
 
-def controlnet_object(unet_config: dict, seed: int = 13, dtype=torch.float32, std: float = 0.02, native: bool = False):
-    """ComfyUI's ControlNet (CONTROL_NET) with random weights, built in memory (tests).
+def controlnet_object(unet_config: dict, seed: int = 13, dtype=torch.float32, std: float = 0.02, compute_dtype=None):
+    """ComfyUI's ControlNet (CONTROL_NET) with random weights stored in `dtype`, built in memory (tests).
 
-    native=True computes in `dtype` even where ComfyUI would up-cast (bf16 on CPU), like the full-size test UNets."""
+    compute_dtype=None computes as ComfyUI would (its manual cast: fp32 for bf16 weights on CPU);
+    otherwise in that dtype (same as `dtype`: natively; else cast per layer), like the full-size test
+    UNets, whose dtype `builtin_models.fullsize.compute_dtype_of(model)` tells."""
     import comfy.controlnet
     import comfy.model_management as mm
     import comfy.ops
     load_device = mm.get_torch_device()
-    manual_cast = None if native else mm.unet_manual_cast(dtype, load_device)
+    if compute_dtype is None:
+        manual_cast = mm.unet_manual_cast(dtype, load_device)
+    else:
+        manual_cast = None if compute_dtype == dtype else compute_dtype
     ops = comfy.ops.manual_cast if manual_cast is not None else comfy.ops.disable_weight_init
     model, _ = build_controlnet(unet_config, seed, dtype, std, ops)
     return comfy.controlnet.ControlNet(model, load_device=load_device, manual_cast_dtype=manual_cast)

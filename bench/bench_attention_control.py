@@ -1,11 +1,11 @@
 """Step-time ratios of the attention-control techniques against plain sampling of the same batch
-(source + target, CFG on) on the full-size SD1.5 architecture (random weights, bf16, 32x32 latent),
+(source + target, CFG on) on the full-size SD1.5 architecture (random weights, host dtype, 32x32 latent),
 and the memory the stored word maps hold for a 64x64 latent (P2P local blend, MasaCtrl masks)."""
 import torch
 
 from common import interleaved, sd15
 
-TITLE = "Attention control vs plain sampling (SD1.5 architecture, random weights, bf16, 32x32 latent, batch source+target, cfg 5)"
+TITLE = "Attention control vs plain sampling (SD1.5 architecture, random weights, host dtype, 32x32 latent, batch source+target, cfg 5)"
 
 # Goals from the issue (P2P and MasaCtrl step time, capture step time, stored-map memory at 64x64).
 GOALS = {"p2p": 1.15, "masactrl": 1.10, "capture": 1.10}

@@ -1,9 +1,9 @@
-"""Step-time ratio of sampling with EditKitAttentionMaps capture vs plain sampling, full-size SD1.5, 32x32 latent, bf16."""
+"""Step-time ratio of sampling with EditKitAttentionMaps capture vs plain sampling, full-size SD1.5, 32x32 latent, host compute dtype."""
 import torch
 
 from common import interleaved, sd15
 
-TITLE = "Attention-map capture vs plain sampling (SD1.5 architecture, random weights, bf16, 32x32 latent)"
+TITLE = "Attention-map capture vs plain sampling (SD1.5 architecture, random weights, host dtype, 32x32 latent)"
 
 
 def run():

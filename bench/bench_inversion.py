@@ -2,7 +2,7 @@
 same model, and memory of the stored trajectory, per method.
 
 Model: the tiny UNet at a 48x48 latent by default (about a minute, median of 5 interleaved repeats);
-EDITKIT_BENCH_INVERSION=sd15 uses the full-size SD1.5 UNet architecture (random weights, bf16, 32x32
+EDITKIT_BENCH_INVERSION=sd15 uses the full-size SD1.5 UNet architecture (random weights, host dtype, 32x32
 latent, 3 steps; several minutes on a CPU, EDITKIT_BENCH_REPEATS=1 by default there).
 Null-text inversion's iteration count needs a model whose null text can actually be fitted (random
 weights cannot: their prediction hardly depends on the text), so its early-stopping row runs the paper's
@@ -64,7 +64,7 @@ def _models():
         return (tiny.tiny_unet(tiny.EPS), tiny.encode(clip, "a red circle"), tiny.encode(clip, ""),
                 tiny.encode(clip, "a blue square"), 48, 10, "tiny UNet, 48x48 latent, fp32, 10 steps")
     return (sd15(), sd15_conditioning(), sd15_conditioning(seed=1), sd15_conditioning(seed=2), 32, 3,
-            "SD1.5 architecture, random weights, bf16, 32x32 latent, 3 steps")
+            "SD1.5 architecture, random weights, host dtype, 32x32 latent, 3 steps")
 
 
 def run():

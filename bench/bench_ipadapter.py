@@ -1,4 +1,4 @@
-"""Step-time ratio of sampling with one IP-Adapter vs plain sampling, full-size SD1.5, 32x32 latent, bf16.
+"""Step-time ratio of sampling with one IP-Adapter vs plain sampling, full-size SD1.5, 32x32 latent, host compute dtype.
 
 The adapter has the real ip-adapter_sd15 layout (4 tokens from a 1024-dim ViT-H embedding, 16
 to_k_ip / to_v_ip pairs, fp16 weights as shipped) with random values; the plus layout (16 tokens)
@@ -8,7 +8,7 @@ import torch
 
 from common import interleaved, sd15
 
-TITLE = "IP-Adapter vs plain sampling (SD1.5 architecture, random weights, bf16, 32x32 latent)"
+TITLE = "IP-Adapter vs plain sampling (SD1.5 architecture, random weights, host dtype, 32x32 latent)"
 
 
 def run():

@@ -47,6 +47,12 @@ def interleaved(fns: dict, repeats: int = 3, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def host_line() -> str:
+    """The compute dtype the full-size fixtures use on this host (both arms of every ratio use it)."""
+    from editkit.core.compute_dtype import choice
+    return f"host: {choice().describe()}; torch threads {__import__('torch').get_num_threads()}"
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     if not rows:
         return
@@ -57,3 +63,4 @@ def print_table(title: str, rows: list[dict]) -> None:
     print("|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|")
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + " |")
+    print(f"\n{host_line()}")

@@ -14,7 +14,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import boot, print_table  # noqa: E402
+from common import boot, host_line, print_table  # noqa: E402
 
 
 def main(argv):
@@ -45,7 +45,7 @@ def main(argv):
         except ValueError:
             previous = {}
     with open(path, "w") as f:
-        json.dump({**previous, **results}, f, indent=1)
+        json.dump({**previous, **results, "_host": host_line()}, f, indent=1)
 
 
 def _is_slow(name: str) -> bool:

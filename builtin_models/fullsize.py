@@ -1,5 +1,9 @@
 """Full-size SD1.5 and SDXL UNets with random weights: the real module layout and state-dict keys,
-for layout and weight-format compatibility checks (bf16 + sdpa keeps them affordable on CPU).
+for layout and weight-format compatibility checks.
+
+Weights are stored in bf16 (half the memory); they compute in the dtype this host runs fast
+(`core.compute_dtype`): natively in bf16 where the CPU has it, else in fp32 through ComfyUI's
+manual cast, since an AVX2-only CPU emulates bf16 ~300x slower than fp32.
 """
 from __future__ import annotations
 
@@ -22,22 +26,33 @@ SDXL_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_
              'use_temporal_attention': False, 'use_temporal_resblock': False}
 
 
-def _build(config_cls, unet, dtype, seed):
+def _build(config_cls, unet, seed, weight_dtype=None, compute_dtype=None):
+    from ..core.compute_dtype import choice
+    host = choice()
+    weight_dtype = weight_dtype or host.weight_dtype
+    compute_dtype = compute_dtype or host.dtype
     cfg = config_cls(dict(unet))
-    cfg.set_inference_dtype(dtype, None)
+    cfg.set_inference_dtype(weight_dtype, None if compute_dtype == weight_dtype else compute_dtype)
     base = cfg.get_model({})
     init_weights(base.diffusion_model, seed)
     return _patcher(base)
 
 
-def sd15_unet(dtype=torch.bfloat16, seed: int = 0):
+def sd15_unet(seed: int = 0, weight_dtype=None, compute_dtype=None):
+    """SD1.5 UNet; weight/compute dtypes default to the host's choice (core.compute_dtype.choice())."""
     import comfy.supported_models
-    return _build(comfy.supported_models.SD15, SD15_UNET, dtype, seed)
+    return _build(comfy.supported_models.SD15, SD15_UNET, seed, weight_dtype, compute_dtype)
 
 
-def sdxl_unet(dtype=torch.bfloat16, seed: int = 0):
+def sdxl_unet(seed: int = 0, weight_dtype=None, compute_dtype=None):
     import comfy.supported_models
-    return _build(comfy.supported_models.SDXL, SDXL_UNET, dtype, seed)
+    return _build(comfy.supported_models.SDXL, SDXL_UNET, seed, weight_dtype, compute_dtype)
+
+
+def compute_dtype_of(patcher) -> "torch.dtype":
+    """The dtype a ComfyUI model's layers compute in (its manual-cast dtype, else its weight dtype)."""
+    base = patcher.model
+    return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
 
 
 def sdxl_conditioning(batch: int = 1, tokens: int = 77, seed: int = 0, width: int = 1024, height: int = 1024):

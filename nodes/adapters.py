@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import folder_paths
 import torch
-from comfy_api.latest import io
+from .api import io
 
 from ..adapters import control as C
 from ..adapters import demo_models

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from .api import io
 
 from ..attention import alignment
 from ..attention.maps import CrossAttentionMapStore, install_capture, select_levels

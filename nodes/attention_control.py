@@ -7,7 +7,7 @@ branches an EditKit sampler declares in transformer_options["editkit_branches"].
 from __future__ import annotations
 
 import torch
-from comfy_api.latest import io
+from .api import io
 
 from ..attention import alignment
 from ..attention.controller import default_start_layer, install, layers_of

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import comfy.sample
 import comfy.samplers
-from comfy_api.latest import io
+from .api import io
 
 from ..core import denoiser
 from ..core.errors import EditKitInputError, require

@@ -2,7 +2,7 @@
 the CFG schedule as a MODEL patch, and a plot of the effective scales."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .api import io
 
 from ..core.errors import EditKitInputError, require
 from ..guidance import cfgpp, layers, plot, schedules as S, terms as T

@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.sample
 import comfy.samplers
 import torch
-from comfy_api.latest import io, ui
+from .api import io, ui
 
 from ..core import introspect
 from ..core.errors import EditKitInputError, require

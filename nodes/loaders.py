@@ -1,7 +1,7 @@
 """Loader nodes for the models EditKit builds in code (no download)."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from .api import io
 
 from ..builtin_models import tiny
 

@@ -5,7 +5,7 @@ import os
 import uuid
 
 import folder_paths
-from comfy_api.latest import io, ui
+from .api import io, ui
 
 from ..core.errors import EditKitInputError, require
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.latest import io
+from .api import io
 
 from ..builtin_models import toy
 from ..core.errors import EditKitInputError

@@ -4,12 +4,12 @@
     .venv/bin/python scripts/train_toy.py --phase eval     # re-run one phase (vae|latents|unet|export|eval|weak|weak_eval|card)
 
 Phases (each skipped when done, each resumable from its last checkpoint):
-  vae      AutoencoderKL on random 64x64 crops of toy scenes (L1 + small KL), bf16 autocast.
+  vae      AutoencoderKL on random 64x64 crops of toy scenes (L1 + small KL), bf16 autocast where native.
   latents  encode N training scenes with comfy.sd.VAE.encode (the posterior mode, as VAEEncode does);
            per-channel shift and scale so UNet latents have zero mean and unit variance; a linear
            latent -> RGB map for ComfyUI's live previews.
   unet     UNet + CLIP text encoder jointly, EPS objective on the SD1 discrete schedule, min-SNR-5
-           weighting, 10 % caption dropout (for CFG), EMA of both, bf16 autocast.
+           weighting, 10 % caption dropout (for CFG), EMA of both, bf16 autocast where native.
   export   EMA weights -> models/toy/toy.safetensors (fp16, configs and latent stats in the metadata).
   eval     load through builtin_models.toy.load_toy and measure txt2img accuracy with the checker.
   weak     AutoGuidance's weak model: a smaller UNet (model_channels 32) trained briefly (500 steps) on the
@@ -95,6 +95,14 @@ def parse_args(argv=None):
                    help="two-object prompts in the AutoGuidance comparison (the toy's only set not at its ceiling)")
     p.add_argument("--force", action="store_true", help="redo the selected phase even if recorded as done")
     return p.parse_args(argv)
+
+
+def host_autocast():
+    """bf16 autocast where this host computes bf16 natively (core.compute_dtype); fp32 elsewhere, since
+    an AVX2-only CPU emulates bf16 hundreds of times slower than fp32."""
+    import torch
+    from editkit.core.compute_dtype import choice
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=choice().dtype == torch.bfloat16)
 
 
 def boot(threads: int):
@@ -245,7 +253,7 @@ def phase_vae(a, st):
         for g in opt.param_groups:
             g["lr"] = (lr_at(step - a.vae_steps, a.vae_full_steps, a.vae_full_lr, warmup=20) if full
                        else lr_at(step, a.vae_steps, a.vae_lr))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with host_autocast():
             h = ae.quant_conv(ae.encoder(x))
             mean, logvar = h.float().chunk(2, dim=1)
             logvar = logvar.clamp(-30.0, 20.0)
@@ -468,7 +476,7 @@ def phase_unet(a, st):
         xt, t, eps, w, texts = diffusion_batch(g, x0_all, captions, alphas, snr, a.unet_batch, a.cfg_dropout)
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, a.unet_steps, a.unet_lr, warmup=200)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with host_autocast():
             ctx, _ = te([tokens(s) for s in texts])
             pred = unet(xt, timesteps=t.float(), context=ctx.float()).float()
         loss_each = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
@@ -596,7 +604,7 @@ def phase_weak(a, st):
         ctx = context(texts)
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, a.weak_steps, a.weak_lr, warmup=min(100, a.weak_steps // 5))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with host_autocast():
             pred = unet(xt, timesteps=t.float(), context=ctx).float()
         loss_each = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
         loss = (w * loss_each).mean()

@@ -21,10 +21,37 @@ import torch  # noqa: E402
 
 from editkit.builtin_models import fullsize, tiny  # noqa: E402
 
+import ek_dtype_guard as dtype_guard  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    # The test header (printed under -q too): which dtype the full-size fixtures compute in here.
+    from editkit.core.compute_dtype import ENV, choice
+    line = f"EditKit full-size fixtures: {choice().describe()} (set {ENV}=bf16|fp32 to force)"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: full-size architectures or long runs (still part of `make test`)")
     config.addinivalue_line("markers", "browser: needs chromium (skipped when missing)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _emulated_dtype_guard():
+    """Fail any test whose layers compute in a dtype this host emulates in software (bf16 on AVX2-only
+    CPUs: ~300x slower than fp32), so a fixture can never bring that trap back."""
+    with dtype_guard.EmulatedComputeGuard() as guard:
+        yield guard
+
+
+@pytest.fixture(autouse=True)
+def _no_emulated_compute(_emulated_dtype_guard):
+    _emulated_dtype_guard.violations.clear()
+    yield
+    if _emulated_dtype_guard.violations:
+        pytest.fail(_emulated_dtype_guard.message(), pytrace=False)
 
 
 @pytest.fixture(autouse=True)

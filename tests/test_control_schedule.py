@@ -209,7 +209,8 @@ def test_sd15_full_controlnet_runs_with_each_option(sd15_full):
     """A random ControlNet of the full SD1.5 layout (13 residuals): block weights measured on its real
     residuals, then one sampling step with every option (combined where they are independent)."""
     from editkit.core import denoiser
-    cn = DM.controlnet_object(fullsize.SD15_UNET, seed=1, dtype=torch.bfloat16, std=0.01, native=True)
+    cn = DM.controlnet_object(fullsize.SD15_UNET, seed=1, dtype=torch.bfloat16, std=0.01,
+                             compute_dtype=fullsize.compute_dtype_of(sd15_full))
     image = hint(size=256)
     call = Call(sd15_full, denoiser.schedule(sd15_full, "normal", 4))
     call.x = torch.randn(2, 4, 32, 32)

@@ -400,11 +400,12 @@ def test_sd15_full_layer_equals_independent_computation(sd15_full):
     key = dict((s.key, k) for s, k in pairs)[target]
     b = r["q"].shape[0] // 2
     layer = adapter.module.ip_layers[key]
-    t = torch.cat([(app.cond if c == 0 else app.uncond).to(torch.bfloat16).expand(b, -1, -1) for c in r["cou"]])
-    ki = (t.double() @ layer.to_k_ip.weight.to(torch.bfloat16).double().T).to(torch.bfloat16)
-    vi = (t.double() @ layer.to_v_ip.weight.to(torch.bfloat16).double().T).to(torch.bfloat16)
+    dt = fullsize.compute_dtype_of(sd15_full)  # bf16 natively or fp32 through manual cast, by host
+    t = torch.cat([(app.cond if c == 0 else app.uncond).to(dt).expand(b, -1, -1) for c in r["cou"]])
+    ki = (t.double() @ layer.to_k_ip.weight.to(dt).double().T).to(dt)
+    vi = (t.double() @ layer.to_v_ip.weight.to(dt).double().T).to(dt)
     ref = reference_attention(r["q"], r["k"], r["v"], r["heads"]) + 0.7 * reference_attention(r["q"], ki, vi, r["heads"])
-    assert r["out"].dtype == torch.bfloat16 and r["q"].shape == (2, 64, 1280)
+    assert r["out"].dtype == dt and r["q"].shape == (2, 64, 1280)
     text = reference_attention(r["q"], r["k"], r["v"], r["heads"])
     err = (r["out"].double() - ref).abs().max() / ref.abs().max()
     term = (ref - text).abs().max() / ref.abs().max()

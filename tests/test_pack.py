@@ -80,3 +80,17 @@ def test_every_node_has_a_readme_row_and_a_workflow(comfy_nodes):
     ids = sorted(k for k in comfy_nodes.NODE_CLASS_MAPPINGS if k.startswith("EditKit"))
     assert [i for i in ids if f"`{i}`" not in readme] == []
     assert [i for i in ids if i not in used] == []
+
+
+def test_v3_api_is_the_pinned_version():
+    """Nodes use comfy_api.v0_0_2 (stable across 0.3.75 and current ComfyUI), `latest` only for missing names."""
+    import glob
+    import comfy_api.v0_0_2 as pinned
+    from editkit.nodes import api
+    assert api.PINNED == "comfy_api.v0_0_2" and api.io is pinned.io and api.ComfyExtension is pinned.ComfyExtension
+    assert api.FALLBACKS == []      # 0.3.75's v0_0_2 has every name
+    for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True):
+        rel = os.path.relpath(path, ROOT)
+        if rel.startswith((".venv", ".comfyui")) or rel == os.path.join("nodes", "api.py"):
+            continue
+        assert "comfy_api.latest" not in open(path).read() or rel.startswith("tests"), f"{rel} imports comfy_api.latest"
