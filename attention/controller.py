@@ -8,9 +8,9 @@ capture) is a `Technique` object installed on a model clone by `install()`. The 
   block, text tokens first). Every other layer keeps ComfyUI's optimized attention untouched;
 * tells the technique, per call, the step (index, count, progress), the layer (site or DiT block,
   execution order, token grid) and which batch row is which branch (`Chunk`: cond/uncond chunk,
-  source rows, (target, source) pairs), following the EditKit branch contract: with
-  `transformer_options["editkit_branches"]` each cond_or_uncond chunk holds the branches stacked
-  in that order; without it ("generated pair") row 0 of each chunk is the source, the rest targets;
+  source rows, (target, source) pairs), following the EditKit branch contract (core/branches.py,
+  re-exported here): with the branch names declared each cond_or_uncond chunk holds the branches
+  stacked in that order; without them ("generated pair") row 0 of each chunk is the source;
 * runs the technique's edit with ComfyUI's attention (`attend`), never a hand-written softmax,
   unless a technique explicitly needs probabilities (map capture);
 * chains to the previous occupant of the slot: with no previous patch the edited rows are computed
@@ -32,65 +32,12 @@ from typing import Callable, Optional
 import torch
 
 from ..core import denoiser
+from ..core.branches import branch_layout, branches_of, chunks_of  # noqa: F401  (branch_layout: old import path)
 from ..core.introspect import AttnSite, attention_layout
 from ..core.patches import (SharedPatch, add_wrapper, chain_attention_override, chain_attn_replace, chain_dit_block_replace,
                             default_attention)
 
-SOURCE, TARGET = "source", "target"
-BRANCHES_KEY = "editkit_branches"
 _DIT_KEY = "editkit_dit_call"
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch layout
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Chunk:
-    """One cond_or_uncond chunk of a model call: rows [start, start + size)."""
-    start: int
-    size: int
-    cond: bool
-    source: tuple          # absolute rows of the source branch
-    pairs: tuple           # ((target_row, source_row, target_index), ...)
-
-    @property
-    def targets(self) -> list[int]:
-        return [p[0] for p in self.pairs]
-
-
-def branch_layout(cond_or_uncond, batch: int, branches=None) -> list[Chunk]:
-    """Split a batch of `batch` rows into chunks and branches (see the module docstring)."""
-    cou = list(cond_or_uncond) if cond_or_uncond is not None else [0]
-    if not cou or batch % len(cou):
-        cou = [0]
-    size = batch // len(cou)
-    names = list(branches) if branches else None
-    chunks = []
-    for ci, c in enumerate(cou):
-        start = ci * size
-        if names and len(names) > 1 and size % len(names) == 0:
-            per = size // len(names)
-            si = names.index(SOURCE) if SOURCE in names else 0
-            src = tuple(start + si * per + j for j in range(per))
-            pairs = []
-            for bi in range(len(names)):
-                if bi == si:
-                    continue
-                pairs += [(start + bi * per + j, start + si * per + j, j) for j in range(per)]
-            chunks.append(Chunk(start, size, c == 0, src, tuple(pairs)))
-        else:
-            chunks.append(Chunk(start, size, c == 0, (start,), tuple((start + j, start, j - 1) for j in range(1, size))))
-    return chunks
-
-
-def latent_layout(batch: int, branches=None) -> Chunk:
-    """The branch layout of a latent batch (as the sampler holds it: one chunk)."""
-    return branch_layout([0], batch, branches)[0]
-
-
-def target_rows(chunks: list[Chunk], cond_only: bool = False) -> list[int]:
-    return [r for c in chunks if c.cond or not cond_only for r in c.targets]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +286,7 @@ class _UnetAttn(SharedPatch):
 
     def __call__(self, q, k, v, extra):
         step, n, p = step_of(extra)
-        chunks = branch_layout(extra.get("cond_or_uncond"), q.shape[0], extra.get(BRANCHES_KEY))
+        chunks = chunks_of(extra, q.shape[0])
         call = Call("self" if self.kind == "attn1" else "cross", self.site, self.site.order, self.n_layers,
                     step, n, p, chunks, extra["n_heads"], token_grid(extra, self.site, q.shape[1]), extra)
         edit = self.tech.attention(call, q, k, v)
@@ -388,7 +335,7 @@ class _DitOverride(SharedPatch):
             return rest(*args, **kwargs)
         kw = {k2: v2 for k2, v2 in kwargs.items() if k2 not in ("heads", "mask")}
         step, n, p = step_of(to)
-        chunks = branch_layout(to.get("cond_or_uncond"), q.shape[0], to.get(BRANCHES_KEY))
+        chunks = chunks_of(to, q.shape[0])
         call = Call(kind, DitSite("block", layer, layer), layer, dc.n_layers, step, n, p, chunks, heads, dc.hw, to,
                     dc.txt if kind == "joint" else 0, dc.img, rest, kw, func)
         if not self.tech.wants_dit_call(call):
@@ -472,7 +419,7 @@ def install(m, tech: Technique) -> dict:
         out = executor(*args, **kwargs)
         guider = getattr(executor, "class_obj", None)
         to = getattr(guider, "model_options", {}).get("transformer_options", {}) if guider is not None else {}
-        return tech.end_run(out, to.get(BRANCHES_KEY))
+        return tech.end_run(out, branches_of(to))
 
     add_wrapper(m, pe.WrappersMP.OUTER_SAMPLE, f"attention_control.{tech.name}.{id(tech)}", outer_sample)
     return patched

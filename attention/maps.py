@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.introspect import AttnSite
-from .controller import SOURCE, TARGET, Call, Technique, install, latent_layout
+from ..core.branches import SOURCE, TARGET, chunks_of, latent_layout
+from .controller import Call, Technique, install
 
 # Peak bytes of one probability block computed on the side; larger blocks are split over heads.
 _PROB_BLOCK_BYTES = 64 << 20
@@ -145,8 +146,8 @@ class CrossAttentionMapStore:
         """UNet attn2: q (B, Lq, heads*d), k (B, T, heads*d)."""
         if not self.columns:
             return
-        from .controller import branch_layout, step_of, token_grid
-        chunks = call.chunks if call is not None else branch_layout(extra.get("cond_or_uncond"), q.shape[0], extra.get("editkit_branches"))
+        from .controller import step_of, token_grid
+        chunks = call.chunks if call is not None else chunks_of(extra, q.shape[0])
         conds = [c for c in chunks if c.cond]
         if not conds:
             return

@@ -20,7 +20,8 @@ attention are the source's: its image-to-image maps are the source's, its text i
 """
 from __future__ import annotations
 
-from .controller import Call, Replace, Technique, branch_layout, step_of, BRANCHES_KEY
+from ..core.branches import BRANCHES_KEY, branch_layout
+from .controller import Call, Replace, Technique, step_of
 from ..core.patches import SharedPatch, call_dit_block
 
 

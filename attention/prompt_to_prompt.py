@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core import denoiser
-from .controller import (BRANCHES_KEY, Call, Replace, Rows, Technique, attend, attend_dit, latent_layout)
+from ..core.branches import SOURCE, branches_of, current_branch, latent_layout
+from .controller import Call, Replace, Rows, Technique, attend, attend_dit
 from .maps import CrossAttentionMapStore
 
 BLEND_START = 0.2      # P2P starts local blending after 20% of the steps
@@ -98,7 +99,7 @@ class PromptToPrompt(Technique):
         self.last_mask = None        # (B, 1, H, W) bool of the latent batch, per run
         self.mismatch = False
         self.applied: dict = {}      # (kind, layer) -> steps edited (this run)
-        self._branch_state = None
+        self._source_den = None      # (sigma, source x0 prediction) of the step being guided
         self.run_branches = None
 
     # --- layers ---------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class PromptToPrompt(Technique):
             self.last_mask = None
             self.mismatch = False
             self.applied = {}
-            self._branch_state = None
+            self._source_den = None
             self.run_branches = None
         if self.blend is not None:
             self.blend.begin_run()
@@ -292,9 +293,9 @@ class PromptToPrompt(Technique):
         den = args["denoised"]
         to = args.get("model_options", {}).get("transformer_options", {})
         sched = to.get("sample_sigmas")
-        branches = to.get(BRANCHES_KEY)
+        branches = branches_of(to)
         if branches:
-            return self._post_cfg_branch(den, args, tuple(branches), sched)
+            return self._post_cfg_branch(den, args, branches, sched)
         if sched is not None and denoiser.progress(sched, args["sigma"]) < BLEND_START:
             return None
         mask = self.blend_mask(den.shape[0], tuple(den.shape[-2:]), None)
@@ -305,20 +306,19 @@ class PromptToPrompt(Technique):
         return self._apply_blend(den, mask, None)
 
     def _post_cfg_branch(self, den, args, branches, sched):
-        """An EditKit branch sampler guides each branch separately (source first) with the same sigma:
-        keep the source's prediction and blend the target's with it."""
+        """An EditKit branch sampler guides each branch separately (source first) and names the branch
+        it guides (core.branches.current_branch): keep the source's prediction, blend the target's with it."""
         sig = float(torch.as_tensor(args["sigma"]).flatten()[0])
+        role = current_branch(args)
         with self.lock:
-            st = self._branch_state
-            if st is None or st[0] != sig:
-                st = (sig, 0, None)
-            idx, src = st[1], st[2]
-            role = branches[idx % len(branches)]
-            if role == "source":
-                src = den
-            self._branch_state = (sig, idx + 1, src)
+            if role == SOURCE:
+                self._source_den = (sig, den)
+            st = self._source_den
             self.run_branches = branches
-        if role == "source" or src is None or src.shape != den.shape:
+        if role is None or role == SOURCE or role not in branches:
+            return None
+        src = st[1] if st is not None and st[0] == sig else None
+        if src is None or src.shape != den.shape:
             return None
         if sched is not None and denoiser.progress(sched, sig) < BLEND_START:
             return None
@@ -326,7 +326,7 @@ class PromptToPrompt(Technique):
         mask = self.blend_mask(n * b, tuple(den.shape[-2:]), branches)
         if mask is None:
             return None
-        bi = idx % n
+        bi = branches.index(role)
         m = mask[bi * b:(bi + 1) * b].to(device=den.device, dtype=den.dtype)
         with self.lock:
             self.last_mask = mask

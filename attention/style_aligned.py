@@ -25,7 +25,8 @@ import threading
 import torch
 
 from ..core.patches import SharedPatch
-from .controller import BRANCHES_KEY, Call, Rows, Technique, adain, attend, attend_dit, branch_layout, step_of
+from ..core.branches import pairs_of
+from .controller import Call, Rows, Technique, adain, attend, attend_dit, step_of
 
 
 class StyleAligned(Technique):
@@ -142,8 +143,7 @@ class _RowsWrapper(SharedPatch):
         _, _, p = step_of(to)
         pairs = None
         if self.tech.start <= p < self.tech.end or (self.tech.end >= 1.0 and p >= self.tech.start):
-            chunks = branch_layout(to.get("cond_or_uncond"), x.shape[0], to.get(BRANCHES_KEY))
-            pairs = [pr for c in chunks for pr in c.pairs] or None
+            pairs = pairs_of(to, x.shape[0]) or None
         self.tech.set_rows(pairs)
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -8,7 +8,8 @@ hooks, ControlNet, wrappers, patches, pre/post-CFG functions) and adds:
 
   * `evaluate(xs, sigma, specs)`: x0 predictions for one or more branches. Branch latents are stacked
     along the batch (source first) inside every cond_or_uncond chunk, each branch with its own
-    conditioning, and transformer_options["editkit_branches"] names the branches.
+    conditioning, following the branch contract of core/branches.py: the model call declares the
+    branch names, and each branch's cfg_function / post-CFG functions are told which branch they see.
   * `run(program, ...)`: run a custom loop (`program(guider, sigmas, extra_args, ...)`) inside
     `CFGGuider.sample`, so everything a real sampler gets is set up.
 
@@ -23,7 +24,8 @@ from typing import Callable, Optional
 import comfy.samplers
 import torch
 
-BRANCH_KEY = "editkit_branches"
+from ..core.branches import DEFAULT_BRANCHES, with_branches, with_current
+from ..core.branches import BRANCHES_KEY as BRANCH_KEY  # noqa: F401  (the old import path of the key)
 
 
 @dataclass(frozen=True)
@@ -181,17 +183,16 @@ class BranchGuider(comfy.samplers.CFGGuider):
             neg = merge_branches([self.cond_list(s.negative if self.has(s.negative) else s.positive, s.uncond_context)
                                   for s in specs])
         mo = model_options
+        names = tuple(names or DEFAULT_BRANCHES)
         if n > 1:
-            mo = dict(model_options)
-            to = dict(mo.get("transformer_options", {}))
-            to[BRANCH_KEY] = tuple(names or ("source", "target"))
-            mo["transformer_options"] = to
+            mo = with_branches(model_options, names)
         cond_pred, uncond_pred = self.predict(x, ts, pos, neg, mo)[:2]
         results = []
         for i, s in enumerate(specs):
             sl = slice(i * b, (i + 1) * b)
             u = uncond_pred[sl] if wants[i] else None
-            results.append(self.combine(s, cond_pred[sl], u, x[sl], ts[sl], mo, pos, neg if wants[i] else None))
+            mo_i = with_current(mo, names[i]) if n > 1 else mo
+            results.append(self.combine(s, cond_pred[sl], u, x[sl], ts[sl], mo_i, pos, neg if wants[i] else None))
         return results
 
     def x0(self, x, sigma, spec: BranchSpec, model_options: dict):
