@@ -2,7 +2,7 @@
 attention, and the prompt batch that makes a generated source/target pair from one seed.
 
 Batch order everywhere: row 0 is the source, rows 1.. the targets (EditKitPromptBatch), or the
-branches an EditKit sampler declares in transformer_options["editkit_branches"].
+branches an EditKit sampler declares (the branch contract, core/branches.py).
 """
 from __future__ import annotations
 

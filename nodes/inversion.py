@@ -11,7 +11,9 @@ from ..core import introspect
 from ..core.errors import EditKitInputError, require
 from ..samplers import metrics
 from ..samplers.inversion import invert, latent_out
-from ..samplers.null_text import null_text_inversion
+from ..samplers.methods import get_method
+from ..samplers.methods.exact import DDPMParams, EDICTParams
+from ..samplers.methods.ode import DDIMParams, NPIParams, NTIParams, RFParams
 from ..samplers.replay import OUTPUTS, InversionReplaySampler, ZeroNoise, make_edit_guider
 from ..samplers.trajectory import EditKitInversion
 
@@ -150,9 +152,8 @@ class Invert(io.ComfyNode):
         negative = _conditioning(node, "negative", negative, required=False)
         _cfg_needs_negative(node, cfg, negative)
         sig = _schedule(node, model, steps, scheduler, sigmas)
-        inv = invert(model, samples, positive, negative, cfg, sig, "ddim", fixed_point=fixed_point_iterations,
-                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler if sigmas is None else "custom",
-                                        fixed_point_iterations=fixed_point_iterations))
+        inv = invert(model, samples, positive, negative, cfg, sig, "ddim", DDIMParams(fixed_point_iterations),
+                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler if sigmas is None else "custom"))
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
@@ -200,11 +201,9 @@ class NullTextInversion(io.ComfyNode):
             raise EditKitInputError(node, "negative", "this conditioning has no token sequence to optimise",
                                     "connect a text-encoder conditioning")
         sig = _schedule(node, model, steps, scheduler, sigmas)
-        inv = null_text_inversion(model, samples, positive, negative, cfg, sig, inner=inner_iterations,
-                                  lr=learning_rate, early_stop=early_stop, fixed_point=fixed_point_iterations,
-                                  settings=_settings(steps=len(sig) - 1, scheduler=scheduler, inner_iterations=inner_iterations,
-                                                     learning_rate=learning_rate, early_stop=early_stop,
-                                                     fixed_point_iterations=fixed_point_iterations))
+        inv = invert(model, samples, positive, negative, cfg, sig, "nti",
+                     NTIParams(inner_iterations, learning_rate, early_stop, fixed_point_iterations),
+                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler))
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv, int(inv.stats["iterations_total"]))
 
 
@@ -236,10 +235,9 @@ class NegativePromptInversion(io.ComfyNode):
         samples = _samples(node, model, latent)
         positive = _conditioning(node, "positive", positive)
         sig = _schedule(node, model, steps, scheduler, sigmas)
-        inv = invert(model, samples, positive, None, 1.0, sig, "ddim", fixed_point=fixed_point_iterations)
-        inv = inv.with_changes(method="npi", settings=_settings(
-            steps=len(sig) - 1, scheduler=scheduler, fixed_point_iterations=fixed_point_iterations,
-            proximal=None if proximal == "none" else proximal, quantile=quantile))
+        inv = invert(model, samples, positive, None, 1.0, sig, "npi",
+                     NPIParams(fixed_point_iterations, None if proximal == "none" else proximal, quantile),
+                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler))
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
@@ -270,8 +268,8 @@ class EDICT(io.ComfyNode):
         negative = _conditioning(node, "negative", negative, required=False)
         _cfg_needs_negative(node, cfg, negative)
         sig = _schedule(node, model, steps, scheduler, sigmas)
-        inv = invert(model, samples, positive, negative, cfg, sig, "edict", mix=mix,
-                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler, mix=mix))
+        inv = invert(model, samples, positive, negative, cfg, sig, "edict", EDICTParams(mix),
+                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler))
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
@@ -296,7 +294,7 @@ class DirectInversion(io.ComfyNode):
         node = "EditKitDirectInversion"
         if not isinstance(inversion, EditKitInversion):
             raise EditKitInputError(node, "inversion", "not an EditKit inversion", "connect an EditKit inversion node")
-        if inversion.method not in ("ddim", "npi", "nti"):
+        if not get_method(inversion.method).direct_inversion:
             raise EditKitInputError(node, "inversion", f"{inversion.label()} is already exact or has no inversion "
                                     "trajectory to correct onto", "use it with Invert Image, NPI or NTI")
         return io.NodeOutput(inversion.with_changes(direct=True))
@@ -337,9 +335,8 @@ class DDPMInversion(io.ComfyNode):
         sig = _schedule(node, model, steps, scheduler, sigmas)
         n = len(sig) - 1
         require(skip < n, node, "skip", f"skip {skip} leaves no step of the {n}-step schedule", f"use 0..{n - 1}")
-        inv = invert(model, samples, positive, negative, cfg, sig, "ddpm", seed=seed,
-                     settings=_settings(steps=n, scheduler=scheduler, skip=skip, seed=seed))
-        inv = inv.with_changes(start_index=int(skip))
+        inv = invert(model, samples, positive, negative, cfg, sig, "ddpm", DDPMParams(skip, seed),
+                     settings=_settings(steps=n, scheduler=scheduler))
         maps = torch.cat([(r / s if s > 0 else r).float() for r, s in zip(inv.residuals, inv.noise_std)])
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv, {"samples": maps})
 
@@ -383,9 +380,8 @@ class RFInversion(io.ComfyNode):
         require(start <= stop, node, "start", "start is after stop", "make start <= stop")
         sig = _schedule(node, model, steps, scheduler, sigmas)
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index")).float()
-        inv = invert(model, samples, positive, None, 1.0, sig, "rf", gamma=gamma, noise=noise,
-                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler, gamma=gamma, seed=seed, eta=eta,
-                                        start=start, stop=stop))
+        inv = invert(model, samples, positive, None, 1.0, sig, "rf", RFParams(gamma, seed, eta, start, stop), noise=noise,
+                     settings=_settings(steps=len(sig) - 1, scheduler=scheduler))
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
@@ -426,7 +422,8 @@ class InversionSampler(io.ComfyNode):
         inversion.check_model(model, node)
         positive = _conditioning(node, "positive", positive)
         negative = _conditioning(node, "negative", negative, required=False)
-        if abs(cfg - 1.0) > 1e-9 and negative is None and inversion.negative is None and inversion.method not in ("npi", "nti"):
+        if (abs(cfg - 1.0) > 1e-9 and negative is None and inversion.negative is None
+                and not get_method(inversion.method).own_target_uncond):
             raise EditKitInputError(node, "negative", f"cfg {cfg} needs a negative prompt and the inversion has none",
                                     "connect a negative CLIP Text Encode or set cfg to 1")
         guider = make_edit_guider(model, inversion, positive, negative, cfg)

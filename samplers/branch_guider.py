@@ -13,7 +13,7 @@ hooks, ControlNet, wrappers, patches, pre/post-CFG functions) and adds:
   * `run(program, ...)`: run a custom loop (`program(guider, sigmas, extra_args, ...)`) inside
     `CFGGuider.sample`, so everything a real sampler gets is set up.
 
-Used by samplers/inversion.py and samplers/replay.py. No node classes.
+Used by the inversion methods (samplers/methods/) and the replay driver (samplers/replay.py). No node classes.
 """
 from __future__ import annotations
 
@@ -207,6 +207,17 @@ class BranchGuider(comfy.samplers.CFGGuider):
         zeros = torch.zeros(shape, dtype=dtype)
         self.evaluations = 0
         return self.sample(zeros, zeros, _ProgramSampler(program), sigmas.clone(), disable_pbar=True, seed=seed)
+
+    def call(self, fn: Callable, sigmas: torch.Tensor, shape, seed: int = 0):
+        """Like run, for loops that return results rather than a latent: returns
+        fn(guider, sigmas, extra_args, latent_image) itself (any object)."""
+        out = []
+
+        def program(guider, sig, extra_args, callback, noise, latent, disable_pbar):
+            out.append(fn(guider, sig, extra_args, latent))
+            return latent
+        self.run(program, sigmas, shape, seed)
+        return out[0]
 
 
 def _timesteps(sigma, x):

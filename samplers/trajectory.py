@@ -17,10 +17,6 @@ import torch
 from ..core import introspect
 from ..core.errors import EditKitInputError
 
-METHODS = ("ddim", "npi", "nti", "edict", "ddpm", "rf")
-METHOD_LABELS = {"ddim": "DDIM/Euler inversion", "npi": "negative-prompt inversion", "nti": "null-text inversion",
-                 "edict": "EDICT", "ddpm": "edit-friendly DDPM inversion", "rf": "RF-Inversion"}
-
 
 @dataclass(frozen=True)
 class ModelIdentity:
@@ -51,8 +47,9 @@ class EditKitInversion:
     Fields (tensors live on ComfyUI's intermediate device, CPU by default; latents are in the model's
     *sampler space*, i.e. after `latent_format.process_in`, at the noise level of the same index):
 
-    method       "ddim" | "npi" | "nti" | "edict" | "ddpm" | "rf" — how the trajectory was made and how
-                 EditKitInversionSampler replays it.
+    method       name of the inversion method in the registry (samplers/methods/: "ddim", "npi", "nti",
+                 "edict", "ddpm", "rf", ...): how the trajectory was made and how EditKitInversionSampler
+                 replays it.
     sigmas       (N+1,) float32, the descending sampling schedule (k-diffusion sigmas) the trajectory
                  lives on; sigmas[-1] == 0. Editing runs sigmas[start_index:].
     latents      list of N+1 tensors (B, C, H, W): latents[i] is the source at sigmas[i];
@@ -64,8 +61,9 @@ class EditKitInversion:
     cfg          guidance scale of the source branch (inversion cfg; NTI: the cfg it was optimised for).
     identity     ModelIdentity of the model that made it; using it with another family, parameterization
                  or latent layout raises EditKitInputError.
-    settings     dict of the method's settings (steps, scheduler, fixed_point_iterations, mix p, gamma,
-                 eta, start, stop, proximal, quantile, ...), for display and for replay.
+    settings     dict of the method's settings: display entries (steps, scheduler) and the fields of the
+                 method's typed Params (fixed_point_iterations, mix, gamma, eta, start, stop, proximal,
+                 quantile, ...), which the replay reads back (`get_method(method).params(inv)`).
     start_index  first step of editing (DDPM's T_skip); 0 otherwise.
     direct       Direct Inversion (PnP Inversion): during editing the source branch is snapped onto
                  latents[i + 1] after every step (it then reproduces the source exactly).
@@ -80,7 +78,7 @@ class EditKitInversion:
 
     Source branch + target branch layout (contract with the attention-control nodes): the sampler
     evaluates both branches in one batch: every cond_or_uncond chunk of size 2B holds the source batch
-    first, then the target batch, and transformer_options["editkit_branches"] == ("source", "target").
+    first, then the target batch, declared as ("source", "target") (the branch contract, core/branches.py).
     The source branch uses `positive` / `negative` / `cfg` above (NPI: no guidance; NTI: the step's null
     embedding as its unconditional context); when it is unguided its rows of an unconditional chunk carry
     its own prompt as a placeholder (that output is not used). The target branch uses the sampler's prompt,
@@ -136,8 +134,8 @@ class EditKitInversion:
         return dataclasses.replace(self, **changes)
 
     def label(self) -> str:
-        lab = METHOD_LABELS.get(self.method, self.method)
-        return lab + (" + Direct Inversion" if self.direct else "")
+        from .methods import get_method     # the registry builds on this module
+        return get_method(self.method).label + (" + Direct Inversion" if self.direct else "")
 
     # --- validation ----------------------------------------------------------------------------
     def check_model(self, model, node: str, input_name: str = "model") -> None:
