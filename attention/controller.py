@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core import denoiser
-from ..core.introspect import AttnSite, attention_layout
+from ..core.introspect import AttnSite, attention_layout, dit_tokens
 from ..core.patches import (SharedPatch, add_wrapper, chain_attention_override, chain_attn_replace, chain_dit_block_replace,
                             default_attention)
 
@@ -416,15 +416,7 @@ def _dit_wrapper(tech: Technique, layout):
     n_layers = len(layout.dit_blocks)
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-        dm = executor.class_obj.diffusion_model
-        p = getattr(dm, "patch_size", 2)
-        if hasattr(dm, "x_embedder") and hasattr(dm.x_embedder, "patch_size"):
-            p = dm.x_embedder.patch_size[0]
-        p = p if isinstance(p, int) else int(p[0])
-        h, w = x.shape[-2], x.shape[-1]
-        hw = ((h + p - 1) // p, (w + p - 1) // p)
-        txt = c_crossattn.shape[1] if c_crossattn is not None else 0
-        txt += getattr(dm, "register_length", 0) or 0
+        txt, hw = dit_tokens(executor.class_obj.diffusion_model, x, c_crossattn)
         if transformer_options is not None:
             calls = dict(transformer_options.get(_DIT_KEY, {}))
             calls[id(tech)] = _DitCall(txt, hw[0] * hw[1], hw, n_layers)
