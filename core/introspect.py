@@ -131,6 +131,8 @@ class Layout:
     sites: tuple = ()          # AttnSite, UNets
     dit_blocks: tuple = ()     # DitBlock, DiTs
     unet_blocks: tuple = ()    # UnetBlock, UNets: every numbered block in execution order
+    dit_patch: int = 0         # DiTs: latent pixels per image-token side
+    dit_hidden: int = 0        # DiTs: channels of the image tokens between blocks
 
     def blocks(self, block: str) -> list[int]:
         return sorted({s.number for s in self.sites if s.block == block})
@@ -225,13 +227,16 @@ def attention_layout(model) -> Layout:
             if up:
                 factor //= 2
         return Layout("unet", sites=tuple(sites), unet_blocks=tuple(blocks))
+    if arch in ("flux", "mmdit"):
+        geometry = dict(dit_patch=dit_patch_size(dm), dit_hidden=_dit_hidden(dm))
     if arch == "flux":
         blocks = [DitBlock("double_block", i, i) for i in range(len(dm.double_blocks))]
         n = len(blocks)
         blocks += [DitBlock("single_block", i, n + i) for i in range(len(dm.single_blocks))]
-        return Layout("flux", dit_blocks=tuple(blocks))
+        return Layout("flux", dit_blocks=tuple(blocks), **geometry)
     if arch == "mmdit":
-        return Layout("mmdit", dit_blocks=tuple(DitBlock("double_block", i, i) for i in range(len(dm.joint_blocks))))
+        return Layout("mmdit", dit_blocks=tuple(DitBlock("double_block", i, i) for i in range(len(dm.joint_blocks))),
+                      **geometry)
     return Layout(arch)
 
 
@@ -251,6 +256,14 @@ def dit_patch_size(dm) -> int:
     if hasattr(dm, "x_embedder") and hasattr(dm.x_embedder, "patch_size"):
         p = dm.x_embedder.patch_size[0]
     return p if isinstance(p, int) else int(p[0])
+
+
+def _dit_hidden(dm) -> int:
+    h = getattr(dm, "hidden_size", None)
+    if isinstance(h, int):
+        return h
+    proj = getattr(getattr(dm, "x_embedder", None), "proj", None)      # SD3: the patch embedding's width
+    return int(getattr(proj, "out_channels", 0) or 0)
 
 
 def describe(model) -> str:
