@@ -7,7 +7,9 @@ latent) and training (w.r.t. LoRA / embedding parameters) need. Three obstacles 
   2. Tensors made in a node are inference tensors: `leaf(t)` is a normal copy that can require grad.
   3. Loaded weights are inference tensors, which autograd cannot save for backward: `gradient_clone`
      is a clone whose diffusion-model weights pass through `GradWeight` (a normal copy of an
-     inference weight, made only while a gradient is being recorded). The user's model is untouched.
+     inference weight, made only while a gradient is being recorded): as a weight wrapper on every
+     weight ComfyUI casts, through a per-clone module copy for the few read directly (Flux's RMSNorm
+     scales). The user's model is untouched.
 `run_with_gradients` runs a program inside CFGGuider.sample (models loaded, conditioning processed as
 the sampler processes it, wrappers and patches active) and hands it a `GradientEnv`, whose `denoise`
 returns a `Prediction`: x0, eps, velocity and the network's own output, all from the model's
@@ -29,21 +31,50 @@ from .patches import SharedPatch
 
 
 class GradWeight(SharedPatch):
-    """Weight wrapper: what autograd may save for backward, at no cost when no gradient is recorded.
+    """Weight wrapper: the weight as autograd may use it, at no cost when no gradient is recorded.
 
-    An inference weight becomes a normal copy; a weight that is itself a leaf requiring grad (a model
-    built outside inference mode) is detached, so no `.grad` ever lands on the user's model; anything
-    else (a manual-cast copy, the output of an earlier wrapper such as a trainable LoRA) passes as is.
+    An inference weight becomes a normal copy (autograd cannot save inference tensors); a weight that
+    carries a graph back to the user's model (ComfyUI's cast copies a parameter that requires grad, as
+    models built outside inference mode have) is detached, so no `.grad` lands on the user's weights.
+    Wrappers added to the clone after this one (a trainable LoRA) keep their graphs; ComfyUI >= 0.3.7x
+    already copies a weight before its wrappers run, so usually nothing is copied here.
     """
 
     def __call__(self, w):
         if not torch.is_grad_enabled():
             return w
         if w.is_inference():
-            return w.clone()
-        if w.requires_grad and w.grad_fn is None:
-            return w.detach()
-        return w
+            return w.detach().clone()
+        return w.detach() if w.requires_grad else w
+
+
+class _GradParams(dict):
+    """A module's parameter table that hands out GradWeight's view of each parameter (for parameters a
+    module reads directly, outside ComfyUI's cast path and so outside weight wrappers: Flux's RMSNorm
+    scales). dict.items() and assignment still see the stored parameters, so loading and device moves
+    work as before."""
+
+    _wrap = GradWeight()
+
+    def __getitem__(self, key):
+        return self._wrap(dict.__getitem__(self, key))
+
+
+def _unwrapped_params(dm) -> list[str]:
+    """Modules whose parameters ComfyUI's weight wrappers do not reach (no comfy.ops cast path)."""
+    out = []
+    for name, mod in dm.named_modules():
+        own = [pn for pn, _ in mod.named_parameters(recurse=False)]
+        if own and not (hasattr(mod, "comfy_cast_weights") and set(own) <= {"weight", "bias"}):
+            out.append(name)
+    return out
+
+
+def with_grad_params(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of `module` whose own parameters read through GradWeight (same tensors)."""
+    c = copy.copy(module)
+    object.__setattr__(c, "_parameters", _GradParams(module._parameters))
+    return c
 
 
 class _CheckpointedForward:
@@ -56,12 +87,18 @@ class _CheckpointedForward:
         self.module = module
 
     def __call__(self, *args, **kwargs):
-        fwd = type(self.module).forward
         if not torch.is_grad_enabled():
-            return fwd(self.module, *args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
         args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
         kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-        return torch.utils.checkpoint.checkpoint(fwd, self.module, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self._run, *args, use_reentrant=False, **kwargs)
+
+    def _run(self, *args, **kwargs):
+        # Blocks may add to their inputs in place (Flux: x += ...); the recomputation must start from the
+        # inputs the forward got, so the block works on copies.
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return type(self.module).forward(self.module, *args, **kwargs)
 
 
 def checkpointed(module: torch.nn.Module) -> torch.nn.Module:
@@ -106,17 +143,36 @@ def gradient_clone(model, checkpointing: bool = False):
     wrapper = GradWeight()
     for name, _ in m.model.diffusion_model.named_parameters():
         m.add_weight_wrapper("diffusion_model." + name, wrapper)
+    for name in _unwrapped_params(m.model.diffusion_model):
+        m.add_object_patch("diffusion_model." + name, with_grad_params(m.get_model_object("diffusion_model." + name)))
     if checkpointing:
         for name in checkpoint_units(m):
             m.add_object_patch(name, checkpointed(m.get_model_object(name)))
     return m
 
 
+def _pack(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @contextmanager
-def autograd():
-    """Run the model with autograd: outside inference mode, gradients enabled (restored on exit)."""
+def autograd(copy_saved: bool = True):
+    """Run the model with autograd: outside inference mode, gradients enabled (restored on exit).
+
+    copy_saved: autograd keeps copies of the tensors it saves for backward. ComfyUI's blocks update
+    tensors in place after using them (Flux: img += ..., SD3: x += ...), which otherwise fails the
+    backward ("modified by an inplace operation"); UNets do not need it (copy_saved=False saves
+    one copy of each saved activation)."""
     with torch.inference_mode(False), torch.enable_grad():
-        yield
+        if copy_saved:
+            with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+                yield
+        else:
+            yield
 
 
 def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
