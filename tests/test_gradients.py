@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from editkit.builtin_models import tiny
 from editkit.core import denoiser as D
 from editkit.core import gradients as G
 from editkit.core import introspect as I
@@ -45,7 +44,7 @@ def test_latent_gradient_matches_finite_differences(arch, tiny_v, tiny_flux, enc
     assert abs(numeric) > 1.0 and grad.abs().mean() > 1e-2          # a real, non-vanishing gradient
     assert abs(analytic - numeric) <= 1e-2 * abs(numeric), (analytic, numeric)
     # checkpointing recomputes instead of storing, the gradient is the same
-    a2, _, grad2 = _latent_gradient(model, cond, lat, w, u, checkpointing=True)
+    _, _, grad2 = _latent_gradient(model, cond, lat, w, u, checkpointing=True)
     torch.testing.assert_close(grad2, grad, rtol=1e-4, atol=1e-6)
 
 
