@@ -33,9 +33,9 @@ import torch
 
 from ..core import denoiser
 from ..core.branches import branch_layout, branches_of, chunks_of  # noqa: F401  (branch_layout: old import path)
-from ..core.introspect import AttnSite, attention_layout
-from ..core.patches import (SharedPatch, add_wrapper, chain_attention_override, chain_attn_replace, chain_dit_block_replace,
-                            default_attention)
+from ..core.features import DIT_KINDS, UNET_HOOKS, install_hook
+from ..core.introspect import AttnSite, attention_layout, dit_tokens
+from ..core.patches import SharedPatch, add_wrapper, chain_attention_override, chain_attn_replace, default_attention
 
 _DIT_KEY = "editkit_dit_call"
 
@@ -189,17 +189,14 @@ class Technique(SharedPatch):
     def attn2_sites(self, layout) -> list:
         return []
 
-    def output_block_patch(self):
-        """Optional (h, hsp, transformer_options) -> (h, hsp) UNet output-block patch."""
-        return None
+    def feature_hooks(self, layout) -> list:
+        """Optional [(core.features.Hook, fn(tensors, transformer_options) -> dict | None)]: features the
+        technique reads or replaces between blocks (installed with core.features.install_hook)."""
+        return []
 
     def post_cfg(self, args: dict):
         """Optional post-CFG hook; return the denoised batch (None: not used)."""
         return None
-
-    def dit_block_patches(self, layout) -> list:
-        """Optional DiT block replace patches: [(kind, index, make(prev) -> patch)], chained to the slot's occupant."""
-        return []
 
     # --- per run --------------------------------------------------------------------------------
     def begin_run(self):
@@ -363,15 +360,7 @@ def _dit_wrapper(tech: Technique, layout):
     n_layers = len(layout.dit_blocks)
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-        dm = executor.class_obj.diffusion_model
-        p = getattr(dm, "patch_size", 2)
-        if hasattr(dm, "x_embedder") and hasattr(dm.x_embedder, "patch_size"):
-            p = dm.x_embedder.patch_size[0]
-        p = p if isinstance(p, int) else int(p[0])
-        h, w = x.shape[-2], x.shape[-1]
-        hw = ((h + p - 1) // p, (w + p - 1) // p)
-        txt = c_crossattn.shape[1] if c_crossattn is not None else 0
-        txt += getattr(dm, "register_length", 0) or 0
+        txt, hw = dit_tokens(executor.class_obj.diffusion_model, x, c_crossattn)
         if transformer_options is not None:
             calls = dict(transformer_options.get(_DIT_KEY, {}))
             calls[id(tech)] = _DitCall(txt, hw[0] * hw[1], hw, n_layers)
@@ -400,17 +389,18 @@ def install(m, tech: Technique) -> dict:
                 continue
             chain_attn_replace(m, "attn2", site.key, lambda prev, s=site: _UnetAttn(tech, "attn2", s, n_layers, prev))
             patched["attn2"].append(site)
-        obp = tech.output_block_patch()
-        if obp is not None:
-            m.set_model_output_block_patch(obp)
-            patched["output_block"] = True
+        for hook, fn in tech.feature_hooks(layout):
+            if hook.kind in UNET_HOOKS:
+                install_hook(m, hook, fn)
+                patched["output_block"] = True
     elif layout.dit_blocks and tech.uses_dit:
         chain_attention_override(m, lambda prev: _DitOverride(tech, prev))
         add_wrapper(m, pe.WrappersMP.APPLY_MODEL, f"attention_control.dit.{id(tech)}", _dit_wrapper(tech, layout))
         patched["dit"] = True
-        for kind, index, make in tech.dit_block_patches(layout):
-            chain_dit_block_replace(m, kind, index, make)
-            patched.setdefault("dit_blocks", []).append((kind, index))
+        for hook, fn in tech.feature_hooks(layout):
+            if hook.kind in DIT_KINDS:
+                install_hook(m, hook, fn)
+                patched.setdefault("dit_blocks", []).append((hook.kind, hook.index))
     if type(tech).post_cfg is not Technique.post_cfg:
         m.set_model_sampler_post_cfg_function(lambda args: _post_cfg(tech, args))
 

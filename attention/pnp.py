@@ -21,8 +21,9 @@ attention are the source's: its image-to-image maps are the source's, its text i
 from __future__ import annotations
 
 from ..core.branches import BRANCHES_KEY, branch_layout
+from ..core.features import Hook
+from ..core.patches import SharedPatch
 from .controller import Call, Replace, Technique, step_of
-from ..core.patches import SharedPatch, call_dit_block
 
 
 def default_blocks(layout) -> tuple[int, int]:
@@ -36,32 +37,6 @@ def default_blocks(layout) -> tuple[int, int]:
     return fb, fb
 
 
-class _FeaturePatch(SharedPatch):
-    """output_block_patch: hands the target rows the source rows' block inputs."""
-
-    def __init__(self, tech: "PlugAndPlay"):
-        self.tech = tech
-
-    def __call__(self, h, hsp, transformer_options):
-        tech = self.tech
-        block = transformer_options.get("block")
-        if block is None or block[0] != "output" or block[1] != tech.feature_block:
-            return h, hsp
-        step, _, p = step_of(transformer_options)
-        if not p < tech.feature_fraction:
-            return h, hsp
-        chunks = branch_layout(transformer_options.get("cond_or_uncond"), h.shape[0], transformer_options.get(BRANCHES_KEY))
-        pairs = [pr for c in chunks for pr in c.pairs]
-        if not pairs:
-            return h, hsp
-        t, s = [pr[0] for pr in pairs], [pr[1] for pr in pairs]
-        h2, hsp2 = h.clone(), hsp.clone()
-        h2[t], hsp2[t] = h[s], hsp[s]
-        with tech.lock:
-            tech.applied.setdefault(("features", tech.feature_block), set()).add(step)
-        return h2, hsp2
-
-
 def default_dit_block(layout) -> int:
     """The middle double block of a DiT."""
     n = sum(1 for b in layout.dit_blocks if b.kind == "double_block")
@@ -73,28 +48,29 @@ def _source_pairs(transformer_options, batch: int):
     return [pr for c in chunks for pr in c.pairs]
 
 
-class _DitFeaturePatch(SharedPatch):
-    """DiT double-block replace: the target rows leave the block with the source rows' image tokens."""
+class _Inject(SharedPatch):
+    """Feature hook (core.features): the target rows get the source rows' `names` entries."""
 
-    def __init__(self, tech: "PlugAndPlay", prev):
-        self.tech, self.prev = tech, prev
+    def __init__(self, tech: "PlugAndPlay", names: tuple):
+        self.tech, self.names = tech, names
 
-    def __call__(self, args, extra):
-        out = call_dit_block(self.prev, args, extra)
+    def __call__(self, tensors: dict, transformer_options: dict):
         tech = self.tech
-        to = args.get("transformer_options") or {}
-        step, _, p = step_of(to)
+        step, _, p = step_of(transformer_options)
         if not p < tech.feature_fraction:
-            return out
-        pairs = _source_pairs(to, out["img"].shape[0])
+            return None
+        pairs = _source_pairs(transformer_options, tensors[self.names[0]].shape[0])
         if not pairs:
-            return out
+            return None
         t, s = [pr[0] for pr in pairs], [pr[1] for pr in pairs]
-        img = out["img"].clone()
-        img[t] = out["img"][s]
+        out = {}
+        for name in self.names:
+            x = tensors[name].clone()
+            x[t] = tensors[name][s]
+            out[name] = x
         with tech.lock:
             tech.applied.setdefault(("features", tech.feature_block), set()).add(step)
-        return {**out, "img": img}
+        return out
 
 
 class PlugAndPlay(Technique):
@@ -106,7 +82,6 @@ class PlugAndPlay(Technique):
         self.feature_block, self.feature_fraction = feature_block, feature_fraction
         self.attention_block, self.attention_fraction = attention_block, attention_fraction
         self.applied: dict = {}
-        self._feature = _FeaturePatch(self)
 
     def begin_run(self):
         super().begin_run()
@@ -118,13 +93,14 @@ class PlugAndPlay(Technique):
             return []
         return [s for s in layout.sites if s.block == "output" and s.number >= self.attention_block]
 
-    def output_block_patch(self):
-        return self._feature if self.feature_fraction > 0 and self.feature_block >= 0 else None
-
-    def dit_block_patches(self, layout):
+    def feature_hooks(self, layout):
+        # UNet: the inputs of decoder block feature_block (previous block's output + skip), so its ResBlock
+        # computes the source's residual features; DiT: the image tokens leaving double block feature_block.
         if self.feature_fraction <= 0 or self.feature_block < 0:
             return []
-        return [("double_block", self.feature_block, lambda prev: _DitFeaturePatch(self, prev))]
+        if layout.architecture == "unet":
+            return [(Hook("output_entry", self.feature_block), _Inject(self, ("h", "hsp")))]
+        return [(Hook("double_block", self.feature_block), _Inject(self, ("img",)))]
 
     def wants_dit_call(self, call: Call) -> bool:
         return (self.attention_fraction > 0 and 0 <= self.attention_block <= call.layer

@@ -62,6 +62,18 @@ def velocity(ms, x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
     return derivative(x, x0, sigma)
 
 
+def native_output(ms, x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
+    """The network output that gives x0 at (x, sigma): eps (EPS), v (v-prediction, EDM's sigma_data
+    included), eps - x0 (flow), x0 (X0). Every ComfyUI model_sampling is affine in the network output,
+    x0 = D(0) + (D(1) - D(0)) * F, so inverting its own calculate_denoised covers them all. Undefined
+    where sigma is 0 for every parameterization but X0."""
+    sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).flatten()
+    sig = sig.expand(x.shape[0]) if sig.numel() == 1 else sig
+    at0 = ms.calculate_denoised(sig, torch.zeros_like(x), x)
+    slope = ms.calculate_denoised(sig, torch.ones_like(x), x) - at0
+    return (x0 - at0) / slope
+
+
 def ddim_step(ms, x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """Deterministic step from sigma to sigma_next given the model's x0 at (x, sigma).
 

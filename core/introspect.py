@@ -115,10 +115,24 @@ class DitBlock:
 
 
 @dataclass(frozen=True)
+class UnetBlock:
+    """One numbered UNet block (input_blocks[i], the middle block, output_blocks[i]), attention or not."""
+    block: str            # "input" | "middle" | "output"
+    number: int
+    downsample: int       # latent-to-layer factor the block works at (its input resolution)
+    out_downsample: int   # factor of its output (differs after a Downsample / Upsample inside it)
+    channels: int         # channels of its output
+    attention: bool
+
+
+@dataclass(frozen=True)
 class Layout:
     architecture: str
     sites: tuple = ()          # AttnSite, UNets
     dit_blocks: tuple = ()     # DitBlock, DiTs
+    unet_blocks: tuple = ()    # UnetBlock, UNets: every numbered block in execution order
+    dit_patch: int = 0         # DiTs: latent pixels per image-token side
+    dit_hidden: int = 0        # DiTs: channels of the image tokens between blocks
 
     def blocks(self, block: str) -> list[int]:
         return sorted({s.number for s in self.sites if s.block == block})
@@ -126,6 +140,23 @@ class Layout:
     def levels(self) -> list[int]:
         """Distinct downsample factors that hold attention, finest first."""
         return sorted({s.downsample for s in self.sites})
+
+    def unet_block(self, block: str, number: int) -> Optional[UnetBlock]:
+        return next((b for b in self.unet_blocks if (b.block, b.number) == (block, number)), None)
+
+    def decoder_levels(self) -> list[tuple]:
+        """UNet decoder levels, coarsest first: the output-block numbers working at one resolution
+        (SD1.x: 4 levels of 3 blocks, SDXL: 3 of 3; diffusers calls a level an "up block")."""
+        levels: list[list[int]] = []
+        last = None
+        for b in self.unet_blocks:
+            if b.block != "output":
+                continue
+            if b.downsample != last:
+                levels.append([])
+                last = b.downsample
+            levels[-1].append(b.number)
+        return [tuple(lv) for lv in levels]
 
 
 def _transformer_blocks(module):
@@ -146,12 +177,28 @@ def _is_up(sub) -> bool:
     return isinstance(sub, Upsample)
 
 
+def _out_channels(module, default: int) -> int:
+    """Channels leaving a UNet block: its last layer that says (ResBlock, Up/Downsample, conv, transformer)."""
+    for sub in reversed(list(module)):
+        for attr in ("out_channels", "in_channels"):
+            c = getattr(sub, attr, None)
+            if isinstance(c, int):
+                return c
+    return default
+
+
 def attention_layout(model) -> Layout:
     """Discover the attention sites of a UNet, or the blocks of a DiT, from the module tree."""
     arch = architecture(model)
     dm = _base(model).diffusion_model
     if arch == "unet":
         sites, order, factor = [], 0, 1
+        blocks, channels = [], 0
+
+        def add_block(block, number, mod, before, after):
+            nonlocal channels
+            channels = _out_channels(mod, channels)
+            blocks.append(UnetBlock(block, number, before, after, channels, _transformer_blocks(mod) is not None))
 
         def add(block, number, mod, factor):
             nonlocal order
@@ -165,23 +212,58 @@ def attention_layout(model) -> Layout:
 
         for i, mod in enumerate(dm.input_blocks):
             if any(_is_down(s) for s in mod):
+                add_block("input", i, mod, factor, factor * 2)
                 factor *= 2
             else:
                 add("input", i, mod, factor)
+                add_block("input", i, mod, factor, factor)
         add("middle", 0, dm.middle_block, factor)
+        if dm.middle_block is not None:
+            add_block("middle", 0, dm.middle_block, factor, factor)
         for i, mod in enumerate(dm.output_blocks):
             add("output", i, mod, factor)
-            if any(_is_up(s) for s in mod):
+            up = any(_is_up(s) for s in mod)
+            add_block("output", i, mod, factor, factor // 2 if up else factor)
+            if up:
                 factor //= 2
-        return Layout("unet", sites=tuple(sites))
+        return Layout("unet", sites=tuple(sites), unet_blocks=tuple(blocks))
+    if arch in ("flux", "mmdit"):
+        geometry = dict(dit_patch=dit_patch_size(dm), dit_hidden=_dit_hidden(dm))
     if arch == "flux":
         blocks = [DitBlock("double_block", i, i) for i in range(len(dm.double_blocks))]
         n = len(blocks)
         blocks += [DitBlock("single_block", i, n + i) for i in range(len(dm.single_blocks))]
-        return Layout("flux", dit_blocks=tuple(blocks))
+        return Layout("flux", dit_blocks=tuple(blocks), **geometry)
     if arch == "mmdit":
-        return Layout("mmdit", dit_blocks=tuple(DitBlock("double_block", i, i) for i in range(len(dm.joint_blocks))))
+        return Layout("mmdit", dit_blocks=tuple(DitBlock("double_block", i, i) for i in range(len(dm.joint_blocks))),
+                      **geometry)
     return Layout(arch)
+
+
+def dit_tokens(dm, x, c_crossattn) -> tuple[int, tuple[int, int]]:
+    """A DiT forward's token geometry: (text tokens before the image ones, image token grid (h, w))
+    for the latent x and the context c_crossattn it is called with."""
+    p = dit_patch_size(dm)
+    h, w = x.shape[-2], x.shape[-1]
+    txt = c_crossattn.shape[1] if c_crossattn is not None else 0
+    txt += getattr(dm, "register_length", 0) or 0
+    return txt, ((h + p - 1) // p, (w + p - 1) // p)
+
+
+def dit_patch_size(dm) -> int:
+    """Latent pixels per image token side."""
+    p = getattr(dm, "patch_size", 2)
+    if hasattr(dm, "x_embedder") and hasattr(dm.x_embedder, "patch_size"):
+        p = dm.x_embedder.patch_size[0]
+    return p if isinstance(p, int) else int(p[0])
+
+
+def _dit_hidden(dm) -> int:
+    h = getattr(dm, "hidden_size", None)
+    if isinstance(h, int):
+        return h
+    proj = getattr(getattr(dm, "x_embedder", None), "proj", None)      # SD3: the patch embedding's width
+    return int(getattr(proj, "out_channels", 0) or 0)
 
 
 def describe(model) -> str:

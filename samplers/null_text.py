@@ -9,8 +9,8 @@
 
 The loss is the MSE of the latent in unit (VP-like) scale, so the paper's thresholds keep their meaning
 on EPS, v-prediction and flow models. ComfyUI runs nodes under torch.inference_mode and model weights
-are inference tensors: the gradient runs on a *clone* of the model whose weights pass through a weight
-wrapper (copied each forward, outside inference mode; comfy-integration §2.8), never on the user's model.
+are inference tensors: the gradient runs through core/gradients.py (a *clone* of the model whose weights
+pass through a weight wrapper, outside inference mode; comfy-integration §2.8), never on the user's model.
 """
 from __future__ import annotations
 
@@ -18,29 +18,10 @@ from typing import Optional
 
 import torch
 
-from ..core.patches import SharedPatch
-from .branch_guider import BranchSpec, make_guider
+from ..core.gradients import GradWeight, gradient_clone, run_with_gradients  # noqa: F401 (GradWeight, gradient_clone: API)
+from .branch_guider import BranchSpec
 from .inversion import _prepare, _progress, _sig, euler_step, invert, vp_scale
 from .trajectory import EditKitInversion, to_storage
-
-
-class GradWeight(SharedPatch):
-    """Weight wrapper: an ordinary (non-inference) copy of the weight when a gradient is being recorded."""
-
-    def __call__(self, w):
-        return w.clone() if torch.is_grad_enabled() else w
-
-
-def gradient_clone(model):
-    """A clone of `model` whose diffusion-model weights can take part in autograd (user's model untouched)."""
-    # Newer ComfyUI's dynamic-VRAM patcher attaches weight wrappers only to large modules; the gradient
-    # needs every weight wrapped, so take the classic (non-dynamic) patcher where that exists.
-    is_dynamic = getattr(model, "is_dynamic", None)
-    m = model.clone(disable_dynamic=True) if callable(is_dynamic) and is_dynamic() else model.clone()
-    wrapper = GradWeight()
-    for name, _ in m.model.diffusion_model.named_parameters():
-        m.add_weight_wrapper("diffusion_model." + name, wrapper)
-    return m
 
 
 def base_context(conditioning) -> torch.Tensor:
@@ -51,10 +32,8 @@ def base_context(conditioning) -> torch.Tensor:
 def null_text_program(pivot: list, cfg: float, inner: int, lr: float, early_stop: float, record: dict,
                       uncond_init: torch.Tensor, pbar=None):
 
-    def program(guider, sigmas, extra_args, callback, _noise, _latent, disable_pbar):
-        mo = extra_args["model_options"]
-        ms = guider.inner_model.model_sampling
-        dev = _latent.device
+    def program(env):
+        guider, sigmas, mo, ms, dev = env.guider, env.sigmas, env.model_options, env.model_sampling, env.device
         n = len(sigmas) - 1
         with torch.inference_mode(False):
             x = pivot[0].to(dev, torch.float32).clone()
@@ -118,13 +97,10 @@ def null_text_inversion(model, latent: torch.Tensor, positive, negative, cfg: fl
     pivot_inv = invert(model, latent, positive, None, 1.0, sigmas, "ddim", fixed_point=fixed_point)
     n = len(sigmas) - 1
     record: dict = {}
-    grad_model = gradient_clone(model)
-    guider = make_guider(grad_model, {"positive": positive, "negative": negative}, cfg)
     pbar = _progress(n)
     program = null_text_program(pivot_inv.latents, cfg, inner, lr, early_stop, record, base_context(negative), pbar)
     x0 = _prepare(model, latent)
-    with torch.inference_mode(False):
-        guider.run(program, sigmas, tuple(x0.shape))
+    run_with_gradients(model, {"positive": positive, "negative": negative}, program, sigmas, tuple(x0.shape), cfg=cfg)
     stats = {"nfe": pivot_inv.stats["nfe"] + int(record.get("nfe", 0)), "pivot_nfe": pivot_inv.stats["nfe"],
              "iterations": list(record["iterations"]), "iterations_total": int(sum(record["iterations"])),
              "iteration_budget": n * inner, "final_losses": list(record["losses"]),

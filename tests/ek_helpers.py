@@ -28,3 +28,12 @@ def node_out(result):
 def flow_cond(batch=1, tokens=7, dim=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(batch, tokens, dim, generator=g), {"pooled_output": torch.randn(batch, dim, generator=g)}]]
+
+
+def flux_pair_run(model, clip, src, tgt, steps=3):
+    """A source/target prompt pair sampled together on a 16-channel 8x8 latent (tiny Flux), cfg 1."""
+    import nodes
+    from editkit.nodes.attention_control import encode_batch
+    cond = encode_batch(clip, [src, tgt])
+    lat = {"samples": torch.zeros(2, 16, 8, 8), "batch_index": [0, 0]}
+    return nodes.common_ksampler(model, 1, steps, 1.0, "euler", "simple", cond, cond, lat)[0]["samples"]

@@ -12,7 +12,7 @@ from editkit.core.introspect import attention_layout
 from editkit.core.patches import default_attention
 from editkit.nodes.attention_control import (MasaCtrlNode, PlugAndPlayNode, PromptBatch, PromptToPromptNode,
                                              ReferenceAttentionNode, StyleAlignedNode, encode_batch)
-from ek_helpers import node_out
+from ek_helpers import flux_pair_run, node_out
 
 SRC = "a red circle on a white background"
 TGT = "a blue circle on a white background"
@@ -566,10 +566,7 @@ class OverrideSpy:
 
 
 def _flux_run(model, clip, steps=3, src=SRC, tgt=TGT):
-    import nodes
-    cond = encode_batch(clip, [src, tgt])
-    lat = {"samples": torch.zeros(2, 16, 8, 8), "batch_index": [0, 0]}
-    return nodes.common_ksampler(model, 1, steps, 1.0, "euler", "simple", cond, cond, lat)[0]["samples"]
+    return flux_pair_run(model, clip, src, tgt, steps)
 
 
 def record_attention(tech, extra=None):
