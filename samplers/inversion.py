@@ -57,9 +57,10 @@ def vp_scale(ms, s: float) -> float:
     return 1.0 if denoiser.space(ms) == "flow" else 1.0 / math.sqrt(1.0 + s * s)
 
 
-def _progress(total: int):
-    import comfy.utils
-    return comfy.utils.ProgressBar(max(total, 1))
+def _progress(total: int, model=None):
+    """Progress bar (with ComfyUI's latent previews of `model`) over `total` model evaluations."""
+    from ..core.progress import StepProgress
+    return StepProgress(model, total)
 
 
 def _sig(sigmas, i, like):
@@ -96,7 +97,7 @@ def ode_inversion_program(x0: torch.Tensor, spec: BranchSpec, fixed_point: int, 
             x = x_hi
             lat[k] = to_storage(x)
             if pbar is not None:
-                pbar.update(1 + fixed_point)
+                pbar.update(1 + fixed_point, den)
         record["latents"] = lat
         record["nfe"] = getattr(guider, "evaluations", 0)
         return x
@@ -125,7 +126,7 @@ def edict_inversion_program(x0: torch.Tensor, spec: BranchSpec, p: float, record
             x = x_inter - (y - den) / s_hi * dt
             xs[k], ys[k] = to_storage(x), to_storage(y)
             if pbar is not None:
-                pbar.update(2)
+                pbar.update(2, den)
         record.update(latents=xs, pair=ys, nfe=getattr(guider, "evaluations", 0))
         return x
 
@@ -156,7 +157,7 @@ def ddpm_inversion_program(x0: torch.Tensor, spec: BranchSpec, seed: int, record
             residuals.append(to_storage(noisy[i + 1] - mean))
             stds.append(std)
             if pbar is not None:
-                pbar.update(1)
+                pbar.update(1, den)
         record.update(latents=[to_storage(t) for t in noisy], residuals=residuals, noise_std=stds,
                       nfe=getattr(guider, "evaluations", 0))
         return noisy[0]
@@ -190,13 +191,13 @@ def invert(model, latent: torch.Tensor, positive, negative, cfg: float, sigmas: 
     n = len(sigmas) - 1
     record: dict = {}
     if method == "edict":
-        pbar = _progress(2 * n)
+        pbar = _progress(2 * n, model)
         program = edict_inversion_program(x0, spec, mix, record, pbar)
     elif method == "ddpm":
-        pbar = _progress(n)
+        pbar = _progress(n, model)
         program = ddpm_inversion_program(x0, spec, seed, record, pbar)
     else:
-        pbar = _progress(n * (1 + fixed_point))
+        pbar = _progress(n * (1 + fixed_point), model)
         program = ode_inversion_program(x0, spec, fixed_point, record, gamma=gamma, noise=noise, pbar=pbar)
     guider = make_guider(model, {"positive": positive, "negative": negative}, cfg)
     guider.run(program, sigmas, tuple(x0.shape))

@@ -101,7 +101,7 @@ def null_text_program(pivot: list, cfg: float, inner: int, lr: float, early_stop
                 used.append(iters)
                 losses.append(loss_v)
                 if pbar is not None:
-                    pbar.update(1)
+                    pbar.update(1, den)
         with torch.inference_mode():
             record["null_embeddings"] = [to_storage(p) for p in phis]
             record["final"] = to_storage(x)
@@ -120,7 +120,7 @@ def null_text_inversion(model, latent: torch.Tensor, positive, negative, cfg: fl
     record: dict = {}
     grad_model = gradient_clone(model)
     guider = make_guider(grad_model, {"positive": positive, "negative": negative}, cfg)
-    pbar = _progress(n)
+    pbar = _progress(n, model)
     program = null_text_program(pivot_inv.latents, cfg, inner, lr, early_stop, record, base_context(negative), pbar)
     x0 = _prepare(model, latent)
     with torch.inference_mode(False):

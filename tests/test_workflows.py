@@ -215,6 +215,15 @@ def test_workflow_runs_headless_on_the_toy_model(path, run_workflow, output_dir)
     assert result.success, (result.error, result.node_errors)
     files = result.files(output_dir)
     assert files and all(os.path.getsize(f) > 0 for f in files)
+    # feedback on the node: what each node declares it shows (EDITKIT_SHOWS, nodes/feedback.py) arrived
+    import nodes
+    for nid, v in result.prompt.items():
+        shows = getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "EDITKIT_SHOWS", ())
+        ui = result.ui_outputs.get(nid) or {}
+        if "text" in shows:
+            assert ui.get("text") and ui["text"][0].strip(), (nid, v["class_type"], ui)
+        if "image" in shows:
+            assert ui.get("images") and all(i["type"] == "temp" for i in ui["images"]), (nid, v["class_type"], ui)
 
 
 @pytest.mark.parametrize("wid", ["sdedit", "attention_p2p_inverted"])
