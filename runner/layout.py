@@ -12,6 +12,7 @@ TITLE_H = 30            # LiteGraph.NODE_TITLE_HEIGHT
 SLOT_H = 20             # LiteGraph.NODE_SLOT_HEIGHT
 WIDGET_H = 24           # NODE_WIDGET_HEIGHT + 4
 MULTILINE_H = 96        # a multiline text box
+LINKED_MULTILINE_H = 54
 IMAGE_H = 270           # room for an image preview
 TEXT_H = 96             # room for EditKit's read-only text box
 GROUP_HEAD = 50         # a group's title band (font 24) and margin, above its first node's title bar
@@ -40,8 +41,8 @@ def estimate_size(node: dict, classes: dict) -> list[int]:
     for d in defs:
         if not d.is_widget:
             continue
-        if d.name in linked_widgets:     # a converted widget is a slot, not a widget box
-            h += SLOT_H
+        if d.name in linked_widgets:     # a linked widget keeps its row (front end 1.32.9: 54 px for a text box)
+            h += LINKED_MULTILINE_H if d.type == "STRING" and d.options.get("multiline") else WIDGET_H
             continue
         h += MULTILINE_H if d.type == "STRING" and d.options.get("multiline") else WIDGET_H
         if d.has_control:

@@ -75,9 +75,9 @@ def main(wanted) -> None:
             f.write("\n")
         print("wrote", os.path.join("workflows", name))
     if not wanted:  # a full build removes files no definition makes any more (renamed or dropped workflows)
-        for path in glob.glob(os.path.join(out_dir, "*.json")):
-            if os.path.basename(path) not in written:
-                os.remove(path)
+        for path in glob.glob(os.path.join(out_dir, "*.json")) + glob.glob(os.path.join(out_dir, "*.jpg")):
+            if os.path.basename(path)[:-4 if path.endswith(".jpg") else -5] + ".json" not in written:
+                os.remove(path)     # and its thumbnail
                 print("removed", os.path.relpath(path, ROOT))
 
 

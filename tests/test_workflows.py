@@ -236,3 +236,22 @@ def test_workflow_runs_with_the_papers_step_counts(wid, run_workflow, output_dir
     result = run_workflow(shipped.path(wid), model="toy")
     assert result.success, (result.error, result.node_errors)
     assert result.files(output_dir)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_thumbnail_is_the_toy_run_of_this_workflow(path, comfy_nodes):
+    """workflows/<name>.jpg: what the Templates browser shows, made by scripts/build_thumbnails.py from the
+    toy run of this very graph (its comment records the graph's hash: a changed graph needs a new one)."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import build_thumbnails
+    jpg = path[:-5] + ".jpg"
+    assert os.path.exists(jpg), "no thumbnail: run scripts/build_thumbnails.py"
+    img = Image.open(jpg)
+    assert img.format == "JPEG" and img.size == (build_thumbnails.SIZE,) * 2 and os.path.getsize(jpg) < 48 * 1024
+    assert build_thumbnails.read_key(jpg) == build_thumbnails.thumbnail_key(load(path), comfy_nodes.NODE_CLASS_MAPPINGS), \
+        "the thumbnail shows an older version of this workflow: run scripts/build_thumbnails.py"
+    assert np.asarray(img.convert("L")).std() > 5, "a blank thumbnail"
