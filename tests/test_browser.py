@@ -96,6 +96,9 @@ def page(comfy_server):
         pg.on("pageerror", lambda e: console.add("pageerror", str(e)))
         pg.on("console", lambda m: console.add("console", m.text, (m.location or {}).get("url", ""))
               if m.type == "error" else None)
+        # per-node registry look-ups (the front end asks the registry which pack a node without cnr_id is from)
+        pg.node_lookups = []
+        pg.on("request", lambda r: pg.node_lookups.append(r.url) if "/comfy-nodes/" in r.url else None)
         pg.goto(comfy_server.url + "/", wait_until="networkidle", timeout=120_000)
         pg.wait_for_function(f"() => window.app && window.app.graph && ({EXTENSION})()", timeout=120_000)
         # The first-run Templates dialog opens a moment after the app: wait for it, close it with Escape.
@@ -262,6 +265,8 @@ def test_workflow_loads_in_the_front_end(path, page, object_info, converter, sho
             assert got[:len(want)] == want, f"{name}: node {node['id']} widgets {got} != file {want}"
     errors = page.console.real(mark)
     assert not errors, f"{name}: JS errors while loading: {errors}"
+    asked = [u for u in page.node_lookups if "/comfy-nodes/EditKit" in u]
+    assert not asked, f"{name}: the front end asked the registry about EditKit nodes (no cnr_id?): {asked[:3]}"
     problems = live_layout_problems(page)
     assert not problems, f"{name}: layout on the canvas: {problems}"
     ref = page.evaluate("async () => (await window.app.graphToPrompt()).output")
@@ -415,6 +420,24 @@ def test_templates_browser_shows_editkit_workflows_with_thumbnails(page, comfy_s
         const img = new Image(); img.src = '/api/workflow_templates/EditKit/' + encodeURIComponent(n) + '.jpg';
         try { await img.decode(); return [img.naturalWidth, img.naturalHeight]; } catch (e) { return null; } }))""", names)
     assert all(u and u[0] >= 128 for u in urls), dict(zip(names, urls))
+
+
+def test_registry_lookup_check_detects_nodes_without_cnr_id(page):
+    """Negative control for the cnr_id check: the same workflow without cnr_id/ver makes the front end ask
+    the registry about each EditKit node (https://api.comfy.org/comfy-nodes/<type>/node; unreachable here)."""
+    from editkit.runner import shipped
+    data = json.load(open(shipped.path("inversion_ddim"), encoding="utf-8"))
+    for n in data["nodes"]:
+        for key in ("cnr_id", "ver"):
+            (n.get("properties") or {}).pop(key, None)
+    before = len(page.node_lookups)
+    drop_file(page, "no-cnr-id.json", json.dumps(data))
+    close_dialogs(page)
+    for _ in range(20):
+        if any("/comfy-nodes/EditKit" in u for u in page.node_lookups[before:]):
+            break
+        page.wait_for_timeout(250)
+    assert any("/comfy-nodes/EditKit" in u for u in page.node_lookups[before:]), page.node_lookups[before:]
 
 
 def test_missing_node_dialog_is_detected(page, shots):
