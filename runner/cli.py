@@ -1,9 +1,9 @@
 """editkit-run: run a ComfyUI workflow JSON (UI or API format) headless, or queue it on a server.
 
 In-process (default): ComfyUI's real PromptExecutor in this process, no server.
-    editkit-run workflows/sdedit.json --out out/ --seed 5 --set EditKitSDEdit.strength=0.4
+    editkit-run "workflows/Editing - SDEdit.json" --model toy --out out/ --seed 5 --set EditKitSDEdit.strength=0.4
 Server mode: POST /prompt to a running ComfyUI, follow it over the websocket, download the images.
-    editkit-run workflows/sdedit.json --server http://127.0.0.1:8188 --out out/
+    editkit-run "workflows/Editing - SDEdit.json" --server http://127.0.0.1:8188 --out out/
 
 --set NODE.INPUT=VALUE addresses a node by id, title or type (VALUE is JSON, else a string).
 --model toy runs a workflow made for a real checkpoint on EditKit's toy model (runner/substitute.py:

@@ -182,7 +182,7 @@ def test_cli_runtime_error_keeps_earlier_outputs(tmp_path, cli):
     data = json.load(open(path))
     # make the edit branch fail at run time: SDEdit's latent from a latent of the wrong channel count
     ids = {n["type"]: n["id"] for n in data["nodes"]}
-    assert "EditKitSDEdit" in ids, "sdedit.json lost its EditKitSDEdit node"
+    assert "EditKitSDEdit" in ids, "the SDEdit workflow lost its EditKitSDEdit node"
     data["nodes"].append({"id": 99, "type": "EmptyHunyuanLatentVideo", "mode": 0, "inputs": [],
                           "outputs": [{"type": "LATENT", "links": [999]}], "widgets_values": [64, 64, 1, 1]})
     sd = next(n for n in data["nodes"] if n["type"] == "EditKitSDEdit")
