@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from . import feedback
 from .api import io
 
 from ..attention import alignment
@@ -87,6 +88,7 @@ class AttentionMapsCapture(io.ComfyNode):
 
 
 class AttentionMapsShow(io.ComfyNode):
+    EDITKIT_SHOWS = ("image",)
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -107,6 +109,7 @@ class AttentionMapsShow(io.ComfyNode):
                 io.Image.Output("heatmaps", display_name="heatmaps", tooltip="One grid row per image (the image and each word's heat map), or per target of an edit batch (source panels, then target panels)."),
                 io.Mask.Output("maps", display_name="maps", tooltip="The raw maps in [0, 1] at image size, word-major per image (batch x words)."),
             ],
+            is_output_node=True,   # the heat maps show on the node even with nothing connected
         )
 
     @classmethod
@@ -138,7 +141,8 @@ class AttentionMapsShow(io.ComfyNode):
         else:
             for i in range(b_img):
                 rows.append(imaging.hstack(panels(i, None)))
-        return io.NodeOutput(torch.stack(rows), full.reshape(-1, h, w).contiguous())
+        grid = torch.stack(rows)
+        return io.NodeOutput(grid, full.reshape(-1, h, w).contiguous(), ui=feedback.show(cls, images=grid))
 
 
 NODES = [AttentionMapsCapture, AttentionMapsShow]

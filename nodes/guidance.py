@@ -2,6 +2,7 @@
 the CFG schedule as a MODEL patch, and a plot of the effective scales."""
 from __future__ import annotations
 
+from . import feedback
 from .api import io
 
 from ..core.errors import EditKitInputError, require
@@ -366,6 +367,7 @@ class CFGSchedule(io.ComfyNode):
 
 
 class GuidancePlot(io.ComfyNode):
+    EDITKIT_SHOWS = ("image",)
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -377,14 +379,16 @@ class GuidancePlot(io.ComfyNode):
                 io.Float.Input("cfg", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="The guider's base CFG."),
                 Terms.Input("terms", optional=True, tooltip="The term chain given to EditKitGuider."),
             ],
-            outputs=[io.Image.Output("plot", display_name="plot", tooltip="The plot as an image.")],
+            outputs=[io.Image.Output("plot", display_name="plot", tooltip="The plot as an image (also shown on the node).")],
+            is_output_node=True,
         )
 
     @classmethod
     def execute(cls, sigmas, cfg, terms=None) -> io.NodeOutput:
         require(len(sigmas) >= 2, "EditKitGuidancePlot", "sigmas", "fewer than two sigmas (no step to plot)",
                 "connect a schedule with at least one step")
-        return io.NodeOutput(plot.draw(tuple(terms or ()), sigmas, cfg))
+        image = plot.draw(tuple(terms or ()), sigmas, cfg)
+        return io.NodeOutput(image, ui=feedback.show(cls, images=image))
 
 
 NODES = [GuidanceSchedule, TermCFG, TermRescale, TermAPG, TermDynamicThreshold, TermPerpNeg, TermSAG, TermPAG,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import comfy.sample
 import comfy.samplers
 import torch
-from .api import io, ui
+from . import feedback
+from .api import io
 
 from ..core import introspect
 from ..core.errors import EditKitInputError, require
@@ -158,6 +159,7 @@ class Invert(io.ComfyNode):
 
 
 class NullTextInversion(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -204,7 +206,9 @@ class NullTextInversion(io.ComfyNode):
         inv = invert(model, samples, positive, negative, cfg, sig, "nti",
                      NTIParams(inner_iterations, learning_rate, early_stop, fixed_point_iterations),
                      settings=_settings(steps=len(sig) - 1, scheduler=scheduler))
-        return io.NodeOutput({"samples": latent_out(model, inv)}, inv, int(inv.stats["iterations_total"]))
+        used = int(inv.stats["iterations_total"])
+        text = f"{used} of {inner_iterations * (len(sig) - 1)} Adam iterations used over {len(sig) - 1} steps"
+        return io.NodeOutput({"samples": latent_out(model, inv)}, inv, used, ui=feedback.show(cls, text=text))
 
 
 class NegativePromptInversion(io.ComfyNode):
@@ -434,6 +438,7 @@ class InversionSampler(io.ComfyNode):
 
 
 class ReconstructionError(io.ComfyNode):
+    EDITKIT_SHOWS = ("image", "text")   # the heat map and PSNR/SSIM on the node (nodes/feedback.py)
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -479,8 +484,8 @@ class ReconstructionError(io.ComfyNode):
             lmax, lmean = metrics.latent_errors(la, lb)
         p, s = metrics.psnr(a, b), metrics.ssim(a, b)
         heat, _ = metrics.heatmap(a, b)
-        text = f"PSNR {p:.2f} dB | SSIM {s:.4f}" + (f" | latent max {lmax:.3g}, mean {lmean:.3g}" if latent is not None else "")
-        return io.NodeOutput(p, s, lmax, lmean, heat, ui=ui.PreviewText(text))
+        text = f"PSNR {p:.2f} dB, SSIM {s:.4f}" + (f"\nlatent error: max {lmax:.3g}, mean {lmean:.3g}" if latent is not None else "")
+        return io.NodeOutput(p, s, lmax, lmean, heat, ui=feedback.show(cls, text=text, images=heat))
 
 
 NODES = [Invert, NullTextInversion, NegativePromptInversion, EDICT, DirectInversion, DDPMInversion, RFInversion,

@@ -20,7 +20,9 @@ class TinyModelLoader(io.ComfyNode):
                                tooltip="eps (SD1.5-like), v_prediction (SD2-like) or flow (SD3/Flux-like)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights."),
             ],
-            outputs=[io.Model.Output("model", display_name="model"), io.Clip.Output("clip", display_name="clip"), io.Vae.Output("vae", display_name="vae")],
+            outputs=[io.Model.Output("model", display_name="model", tooltip="The tiny UNet (random weights)."),
+                     io.Clip.Output("clip", display_name="clip", tooltip="The tiny CLIP text encoder (random weights)."),
+                     io.Vae.Output("vae", display_name="vae", tooltip="The tiny VAE (random weights, 8x downscale).")],
         )
 
     @classmethod

@@ -5,7 +5,8 @@ import os
 import uuid
 
 import folder_paths
-from .api import io, ui
+from . import feedback
+from .api import io
 
 from ..core.errors import EditKitInputError, require
 
@@ -47,6 +48,7 @@ def _open_lora_file(node: str, input_name: str, name: str):
 
 
 class LoraMerge(io.ComfyNode):
+    EDITKIT_SHOWS = ("image", "text")   # the merge chart and statistics (nodes/feedback.py)
     @classmethod
     def define_schema(cls):
         names = _lora_names()
@@ -152,10 +154,12 @@ class LoraMerge(io.ComfyNode):
         title = (f"{method}, energy kept {100 * report.energy_kept():.1f}%, {len(report.stats)} weights\n" +
                  ", ".join(f"{s[1]} (w={s[3]:g})" for s in sources))
         image = stats.draw(report.per_block(), title)
-        return io.NodeOutput(lora, image, report.summary())
+        summary = report.summary()
+        return io.NodeOutput(lora, image, summary, ui=feedback.show(cls, text=summary, images=image))
 
 
 class LoraBlockWeight(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
     @classmethod
     def define_schema(cls):
         from ..lora.blocks import PRESETS
@@ -188,8 +192,9 @@ class LoraBlockWeight(io.ComfyNode):
                 LoraModel.Input("lora", optional=True, tooltip="A LORA_MODEL (e.g. from LoRA Merge); overrides lora_name."),
             ],
             outputs=[
-                io.Model.Output("model_out", display_name="model"),
-                io.Clip.Output("clip_out", display_name="clip"),
+                io.Model.Output("model_out", display_name="model", tooltip="A clone of the model with the LoRA applied per block."),
+                io.Clip.Output("clip_out", display_name="clip", tooltip="A clone of the text encoder with the LoRA at the BASE strength "
+                                                                        "(the input clip unchanged when none is connected)."),
                 io.String.Output("blocks", display_name="blocks",
                                  tooltip="This model's block slots and the weight each block got."),
             ],
@@ -222,10 +227,11 @@ class LoraBlockWeight(io.ComfyNode):
                                     "use a LoRA made for this model") from None
         forms = "; ".join(f"{k} form ({len(v)} values): {','.join(v)}" for k, v in lay.forms().items())
         text = f"weights: {bw.text()}\n{forms or 'no numbered blocks'}"
-        return io.NodeOutput(patched_model, patched_clip, text)
+        return io.NodeOutput(patched_model, patched_clip, text, ui=feedback.show(cls, text=text))
 
 
 class LoraSave(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -261,7 +267,7 @@ class LoraSave(io.ComfyNode):
         meta = dict(getattr(lora, "info", None) or {})
         st_io.save(lora, path, meta)
         name = os.path.relpath(path, loras_dir).replace(os.sep, "/")
-        return io.NodeOutput(name, ui=ui.PreviewText(f"saved loras/{name}"))
+        return io.NodeOutput(name, ui=feedback.show(cls, text=f"saved models/loras/{name}\n(Load LoRA lists it as {name})"))
 
 
 NODES = [LoraMerge, LoraBlockWeight, LoraSave]

@@ -56,8 +56,10 @@ class ToyModelLoader(io.ComfyNode):
                                        "weak UNet for EditKitGuidanceTermAutoGuidance's weak_model (its clip and vae "
                                        "outputs are those of toy.safetensors, which must be present too)."),
             ],
-            outputs=[io.Model.Output("model", display_name="model"), io.Clip.Output("clip", display_name="clip"),
-                     io.Vae.Output("vae", display_name="vae")],
+            outputs=[io.Model.Output("model", display_name="model", tooltip="The toy UNet (EPS, SD1 noise schedule; the weak "
+                                                                              "UNet for toy_weak.safetensors)."),
+                     io.Clip.Output("clip", display_name="clip", tooltip="The toy CLIP text encoder (4 layers, 64-d)."),
+                     io.Vae.Output("vae", display_name="vae", tooltip="The toy VAE (4 latent channels, 8x downscale).")],
         )
 
     @classmethod

@@ -17,6 +17,40 @@ import os
 import pkgutil
 
 
+PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Example images the shipped workflows' Load Image nodes name. They are served with the front-end
+# extension (web/examples/), which uploads one into ComfyUI's input folder when a workflow that names it
+# is opened and the file is not there yet; editkit-run does the same (a copy in-process, an upload on a server).
+EXAMPLES_DIR = os.path.join(PACK, "web", "examples")
+
+
+def example_images() -> dict[str, str]:
+    """{file name: path} of the shipped example images."""
+    if not os.path.isdir(EXAMPLES_DIR):
+        return {}
+    return {f: os.path.join(EXAMPLES_DIR, f) for f in sorted(os.listdir(EXAMPLES_DIR)) if f.lower().endswith(".png")}
+
+
+def examples_used(prompt: dict) -> list[str]:
+    """Shipped example images an API prompt's Load Image nodes name."""
+    shipped = example_images()
+    names = {v["inputs"].get("image") for v in prompt.values() if v.get("class_type") == "LoadImage"}
+    return sorted(n for n in names if isinstance(n, str) and n in shipped)
+
+
+def copy_examples(prompt: dict, input_dir: str) -> list[str]:
+    """Copy the example images the prompt needs into input_dir when they are missing there."""
+    import shutil
+    written = []
+    for name in examples_used(prompt):
+        dest = os.path.join(input_dir, name)
+        if not os.path.exists(dest):
+            os.makedirs(input_dir, exist_ok=True)
+            shutil.copyfile(example_images()[name], dest)
+            written.append(dest)
+    return written
+
+
 def _areas():
     import editkit
     for info in pkgutil.iter_modules(editkit.__path__):

@@ -1,11 +1,15 @@
 """editkit-run: run a ComfyUI workflow JSON (UI or API format) headless, or queue it on a server.
 
 In-process (default): ComfyUI's real PromptExecutor in this process, no server.
-    editkit-run workflows/sdedit.json --out out/ --seed 5 --set EditKitSDEdit.strength=0.4
+    editkit-run "workflows/Editing - SDEdit.json" --model toy --out out/ --seed 5 --set EditKitSDEdit.strength=0.4
 Server mode: POST /prompt to a running ComfyUI, follow it over the websocket, download the images.
-    editkit-run workflows/sdedit.json --server http://127.0.0.1:8188 --out out/
+    editkit-run "workflows/Editing - SDEdit.json" --server http://127.0.0.1:8188 --out out/
 
 --set NODE.INPUT=VALUE addresses a node by id, title or type (VALUE is JSON, else a string).
+--model toy runs a workflow made for a real checkpoint on EditKit's toy model (runner/substitute.py:
+loaders swapped for the toy model and demo files, pixel sizes scaled to its 128 px); the rest of the
+graph is the shipped one. Example images that Load Image names (web/examples/) are copied into the
+input folder (in-process) or uploaded to the server when missing there.
 A progress bar goes to stderr; the JSON summary (output files, per-node times, total time) to stdout.
 Exit codes: 0 ok, 1 the run failed (a node error; outputs written before it are kept), 2 bad input.
 """
@@ -112,6 +116,24 @@ def error_lines(prompt: dict, node_errors: dict | None, error: dict | None) -> l
     return lines
 
 
+def _provide_examples(prompt: dict, server: str | None, node_defs: dict) -> None:
+    """Shipped example images the prompt's Load Image nodes name: into the input folder when missing."""
+    from editkit_runner import assets
+    needed = assets.examples_used(prompt)
+    if not needed:
+        return
+    if server:
+        from editkit_runner import client, workflow
+        spec = (workflow.input_spec("LoadImage", node_defs).get("required") or {}).get("image") or [[]]
+        listed = spec[1].get("options", []) if spec[0] == "COMBO" and len(spec) > 1 else spec[0]
+        for name in needed:
+            if name not in listed:
+                client.upload_image(server, assets.example_images()[name], name)
+    else:
+        import folder_paths
+        assets.copy_examples(prompt, folder_paths.get_input_directory())
+
+
 def _boot():
     if "editkit_boot" in sys.modules and "editkit" in sys.modules:  # already booted (tests, scripts)
         return
@@ -142,6 +164,10 @@ def _main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input (repeatable)")
     ap.add_argument("--server", metavar="URL", help="queue on a running ComfyUI (e.g. http://127.0.0.1:8188) instead of in-process")
     ap.add_argument("--timeout", type=float, default=3600, help="server mode: seconds to wait for the result")
+    ap.add_argument("--model", choices=["toy"], help="run on EditKit's toy model instead of the checkpoints the "
+                    "workflow loads (loaders swapped, image sizes scaled; see runner/substitute.py)")
+    ap.add_argument("--max-steps", type=int, metavar="N", help="speed knob (tests, quick looks): nodes with more than N "
+                    "steps run N, their step indices (T_skip, start step) scaled along; default: the shipped steps")
     ap.add_argument("--save-api", metavar="FILE", help="also write the API-format prompt that was run")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--verbose", action="store_true", help="show ComfyUI's own log (warnings, tracebacks)")
@@ -175,6 +201,12 @@ def _main(argv=None) -> int:
         node_defs = nodes.NODE_CLASS_MAPPINGS
     try:
         prompt = workflow.to_api(data, node_defs)
+        if args.model or args.max_steps:
+            from editkit_runner import substitute
+            if args.max_steps is not None and args.max_steps < 1:
+                raise UsageError("--max-steps must be at least 1")
+            changes = substitute.plan(prompt, substitute.hints(data), args.model, max_steps=args.max_steps)
+            prompt = substitute.apply(prompt, changes)
         if args.seed is not None:
             apply_seed(prompt, args.seed)
         apply_overrides(prompt, args.set, node_defs)
@@ -184,6 +216,10 @@ def _main(argv=None) -> int:
         with open(args.save_api, "w") as f:
             json.dump(prompt, f, indent=1)
 
+    try:
+        _provide_examples(prompt, args.server, node_defs)
+    except Exception as e:  # noqa: BLE001 (a server that refuses the upload, a read-only input folder)
+        return fail(f"could not provide the example image: {e}")
     progress = Progress(prompt, enabled=not args.quiet)
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)

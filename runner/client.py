@@ -61,6 +61,29 @@ def queue(base: str, prompt: dict, client_id: str) -> dict:
     return data
 
 
+def upload_image(base: str, path: str, name: str | None = None) -> str:
+    """POST /upload/image (what the front end's upload button does): the file lands in the server's input
+    folder under `name`; returns the name the server stored it as."""
+    name = name or os.path.basename(path)
+    boundary = uuid.uuid4().hex
+    with open(path, "rb") as f:
+        data = f.read()
+    body = b"".join([
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode(), data,
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\ninput"
+        f"\r\n--{boundary}--\r\n".encode()])
+    req = urllib.request.Request(base.rstrip("/") + "/upload/image", data=body,
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read()).get("name", name)
+    except urllib.error.HTTPError as e:
+        raise ServerError(f"upload of {name} -> HTTP {e.code}: {e.read()[:300]!r}") from None
+    except OSError as e:
+        raise ServerError(f"cannot reach the ComfyUI server at {base}: {getattr(e, 'reason', e)}") from None
+
+
 def _ws_connect(base: str, client_id: str):
     try:
         import websocket  # websocket-client

@@ -67,6 +67,17 @@ def output_types(class_type: str, node_defs: dict) -> list[str]:
     return [t if isinstance(t, str) else "COMBO" for t in entry.RETURN_TYPES]
 
 
+def display_name(class_type: str, node_defs: dict) -> str:
+    """The title the front end gives a new node of this type (its display name, else the type)."""
+    entry = node_defs.get(class_type)
+    if isinstance(entry, dict):  # /object_info
+        return entry.get("display_name") or class_type
+    if entry is not None and hasattr(entry, "GET_NODE_INFO_V1"):  # V3 node class
+        return entry.GET_NODE_INFO_V1().get("display_name") or class_type
+    import nodes  # V1 node classes: ComfyUI's display-name table, as /object_info reports it
+    return getattr(nodes, "NODE_DISPLAY_NAME_MAPPINGS", {}).get(class_type) or class_type
+
+
 def node_inputs(class_type: str, node_classes: dict) -> list[InputDef]:
     """Inputs of a node type in definition order; node_classes maps type -> class, or is /object_info."""
     spec = input_spec(class_type, node_classes)
@@ -198,10 +209,9 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
                 inputs[name] = r[1]
             else:
                 inputs[name] = [str(r[0]), r[1]]
-        entry = {"class_type": node["type"], "inputs": inputs}
-        if node.get("title"):
-            entry["_meta"] = {"title": node["title"]}
-        prompt[str(nid)] = entry
+        # Like the front end's Export (API): every node carries its title (clients look nodes up by it).
+        title = node.get("title") or display_name(node["type"], node_classes)
+        prompt[str(nid)] = {"inputs": inputs, "class_type": node["type"], "_meta": {"title": title}}
     return prompt
 
 

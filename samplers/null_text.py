@@ -80,7 +80,7 @@ def null_text_program(pivot: list, cfg: float, inner: int, lr: float, early_stop
                 used.append(iters)
                 losses.append(loss_v)
                 if pbar is not None:
-                    pbar.update(1)
+                    pbar.update(1, den)
         with torch.inference_mode():
             record["null_embeddings"] = [to_storage(p) for p in phis]
             record["final"] = to_storage(x)
@@ -97,7 +97,7 @@ def null_text_inversion(model, latent: torch.Tensor, positive, negative, cfg: fl
     pivot_inv = invert(model, latent, positive, None, 1.0, sigmas, "ddim", fixed_point=fixed_point)
     n = len(sigmas) - 1
     record: dict = {}
-    pbar = _progress(n)
+    pbar = _progress(n, model)
     program = null_text_program(pivot_inv.latents, cfg, inner, lr, early_stop, record, base_context(negative), pbar)
     x0 = _prepare(model, latent)
     run_with_gradients(model, {"positive": positive, "negative": negative}, program, sigmas, tuple(x0.shape), cfg=cfg)

@@ -47,9 +47,10 @@ def sigma_at(sigmas, i: int, like: torch.Tensor) -> torch.Tensor:
     return sigmas[i].to(device=like.device, dtype=like.dtype)
 
 
-def progress_bar(total: int):
-    import comfy.utils
-    return comfy.utils.ProgressBar(max(total, 1))
+def progress_bar(total: int, model=None):
+    """Progress bar (with ComfyUI's latent previews of `model`) over `total` model evaluations."""
+    from ..core.progress import StepProgress
+    return StepProgress(model, total)
 
 
 def prepare_latent(model, latent: torch.Tensor) -> torch.Tensor:

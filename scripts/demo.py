@@ -4,18 +4,18 @@ editkit-run; every image lands in out/ and its path is printed.
 1. A captioned scene is generated, then edited with the strongest technique on main (inversion +
    Prompt-to-Prompt word swap with local blend): a before/after grid with the edit's attention maps,
    and the edit metrics read by the toy world's checker (edit success, preservation, reconstruction).
-2. A few shipped workflows run through editkit-run (the same runner users call).
+2. A few shipped workflows run through editkit-run (the same runner users call): the toy-model demos
+   as they are, the others (made for your checkpoint and photo) with `--model toy`.
 """
-import glob
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The workflows `make demo` runs (names in workflows/); EDITKIT_DEMO="a.json b.json" or "all" overrides.
-DEMO_WORKFLOWS = ["sdedit.json", "attention_p2p_inverted.json", "inversion_direct.json", "attention_maps.json",
-                  "guidance_stack.json"]
+# The workflows `make demo` runs (ids, extra.editkit.id of workflows/*.json); EDITKIT_DEMO="id id" or "all" overrides.
+DEMO_WORKFLOWS = ["toy_sdedit", "toy_p2p_inverted", "toy_autoguidance", "inversion_direct", "attention_maps",
+                  "guidance_stack"]
 
 
 def edit_demo(out: str) -> bool:
@@ -44,20 +44,22 @@ def main():
     out = os.path.join(ROOT, "out")
     os.makedirs(out, exist_ok=True)
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    common = open(os.path.join(ROOT, "scripts", "workflow_defs", "common.py")).read()
-    if "EditKitTinyModelLoader" in common:
-        print("[demo] model: EditKit's tiny model built in code with RANDOM weights (no trained model in the repo yet):\n"
-              "[demo] the images show that the graphs run end to end, not what the techniques look like.")
     ok = edit_demo(out) if os.environ.get("EDITKIT_DEMO_EDIT", "1") != "0" else True
     paths = []
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("editkit_shipped", os.path.join(ROOT, "runner", "shipped.py"))
+    shipped = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shipped)    # no ComfyUI boot needed to find the files
+    index = shipped.index()
     names = os.environ.get("EDITKIT_DEMO", "").split() or DEMO_WORKFLOWS
     if names == ["all"]:
-        names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+        names = sorted(index)
     for name in names:
-        wf = os.path.join(ROOT, "workflows", name)
-        print(f"[demo] running {os.path.relpath(wf, ROOT)} ...", flush=True)
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "editkit_run.py"), wf, "--out", out, "--quiet"],
-                              capture_output=True, text=True, cwd=ROOT)
+        wf = index[name]
+        toy = [] if name.startswith("toy_") else ["--model", "toy"]
+        print(f"[demo] running {os.path.relpath(wf, ROOT)} {' '.join(toy)}...", flush=True)
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "editkit_run.py"), wf, "--out", out,
+                               "--quiet", *toy], capture_output=True, text=True, cwd=ROOT)
         try:
             summary = json.loads(proc.stdout[proc.stdout.index("{"):])
         except ValueError:

@@ -127,11 +127,18 @@ def run_workflow():
     import nodes
     from editkit.runner import execute, workflow
 
-    def run(wf, overrides=None):
+    def run(wf, overrides=None, model=None, max_steps=None):
+        """model="toy": the shipped graph on the toy model (editkit-run --model toy); max_steps: the speed knob."""
+        import folder_paths
+
+        from editkit.runner import assets, substitute
         data = workflow.load(wf) if isinstance(wf, (str, os.PathLike)) else wf
         prompt = workflow.to_api(data, nodes.NODE_CLASS_MAPPINGS)
+        if model or max_steps:
+            prompt = substitute.apply(prompt, substitute.plan(prompt, substitute.hints(data), model, max_steps))
         for (node_id, name), value in (overrides or {}).items():
             prompt[str(node_id)]["inputs"][name] = value
+        assets.copy_examples(prompt, folder_paths.get_input_directory())
         return execute.run_prompt(prompt)
     return run
 

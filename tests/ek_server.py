@@ -13,6 +13,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+# The tests' speed knob (editkit-run --max-steps, runner/substitute.py): the shipped workflows carry the papers'
+# step counts (50, 100); every workflow runs headless and on the server at most this many steps, a few at full length.
+TEST_MAX_STEPS = 12
 _STATE = {}
 
 

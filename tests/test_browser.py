@@ -1,7 +1,10 @@
 """The real ComfyUI front end in a real browser (Debian's chromium through playwright), served by
 the real server with EditKit installed: every file in workflows/ is dropped onto the canvas,
-renders without a missing-node dialog or JS errors, and converts to the same API prompt as
-EditKit's own converter; one workflow is queued from the page and its images appear.
+renders without a missing-node dialog or JS errors, keeps a clean layout, gets its example image
+uploaded by EditKit's extension, and converts to the same API prompt (with _meta titles) as EditKit's
+own converter. Several workflows are then run as a user would: pick the model (the toy model in place of
+Load Checkpoint, the same changes as `editkit-run --model toy`), press Run, and the results appear on the
+nodes (saved images, previews, measurements) with the layout still clean.
 
 Screenshots: <pytest tmp>/browser-shots/<workflow>.png (pytest keeps the last runs' tmp dirs).
 """
@@ -12,15 +15,17 @@ import re
 
 import pytest
 
-from ek_server import ROOT, WORKFLOWS, shared_server, stop_shared_server
+from ek_server import ROOT, TEST_MAX_STEPS, WORKFLOWS, shared_server, stop_shared_server
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-# The workflow queued from the page (first one present); the others are only loaded.
-QUEUE_PREFERENCE = ["sdedit.json", "attention_maps.json"]
+# Workflows run from the page (by id): an edit of the photo, an inversion with its measurements and heat
+# map, composable guidance with its plot, and a LoRA merge with its chart and saved path.
+RUN_IN_BROWSER = ["sdedit", "inversion_ddim", "guidance_stack", "lora_merge"]
+EXTENSION = "() => (window.app?.extensions || []).find(e => e.name === 'editkit.core')"
 # Console errors that are the environment, not the page: no network here (blocked calls to the
 # registry and model hosts), optional user files that a fresh server does not have (404s).
 NOISE = [r"Failed to load resource: the server responded with a status of 404",
@@ -91,8 +96,11 @@ def page(comfy_server):
         pg.on("pageerror", lambda e: console.add("pageerror", str(e)))
         pg.on("console", lambda m: console.add("console", m.text, (m.location or {}).get("url", ""))
               if m.type == "error" else None)
+        # per-node registry look-ups (the front end asks the registry which pack a node without cnr_id is from)
+        pg.node_lookups = []
+        pg.on("request", lambda r: pg.node_lookups.append(r.url) if "/comfy-nodes/" in r.url else None)
         pg.goto(comfy_server.url + "/", wait_until="networkidle", timeout=120_000)
-        pg.wait_for_function("() => window.app && window.app.graph && window.EditKit", timeout=120_000)
+        pg.wait_for_function(f"() => window.app && window.app.graph && ({EXTENSION})()", timeout=120_000)
         # The first-run Templates dialog opens a moment after the app: wait for it, close it with Escape.
         try:
             pg.wait_for_selector(".p-dialog", timeout=20_000)
@@ -156,13 +164,18 @@ def widget_inputs(info):
     return names
 
 
+# Core nodes whose title front end 1.32.9 takes from its bundled English locale rather than the node
+# definition's display name (/object_info): "EmptyHunyuanLatentVideo" for "Empty HunyuanVideo 1.0 Latent".
+LOCALE_TITLES = {"EmptyHunyuanLatentVideo"}
+
+
 def strip_meta(prompt):
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
 
 
-def compare_prompts(ours, ref, object_info):
-    """Differences between our conversion and graphToPrompt's, ignoring _meta and front-end-only
-    widgets (inputs graphToPrompt sends that the node definition does not have, e.g. SaveGLB's 3D viewer)."""
+def compare_prompts(ours, ref, object_info, meta=True):
+    """Differences between our conversion and graphToPrompt's (class, inputs and _meta.title), ignoring
+    front-end-only widgets (inputs graphToPrompt sends that the node definition does not have, e.g. SaveGLB's 3D viewer)."""
     diffs = []
     for k in sorted(set(ours) | set(ref)):
         a, b = ours.get(k), ref.get(k)
@@ -172,7 +185,8 @@ def compare_prompts(ours, ref, object_info):
         info = object_info.get(b["class_type"], {}).get("input", {})
         known = set(info.get("required") or {}) | set(info.get("optional") or {})
         b_inputs = {n: v for n, v in b["inputs"].items() if n in known or n in a["inputs"]}
-        if a["inputs"] != b_inputs:
+        title_differs = a.get("_meta") != b.get("_meta") and b["class_type"] not in LOCALE_TITLES
+        if a["inputs"] != b_inputs or (meta and title_differs):
             diffs.append((k, a, b))
     return diffs
 
@@ -188,11 +202,31 @@ def converter():
     return workflow
 
 
+LIVE_LAYOUT = """() => ({nodes: window.app.graph.nodes.map(n => ({id: n.id, type: n.type, pos: [n.pos[0], n.pos[1]],
+    size: [n.size[0], n.size[1]], flags: {collapsed: !!n.flags?.collapsed},
+    need: n.computeSize ? Array.from(n.computeSize()) : null})),
+  groups: (window.app.graph.groups || window.app.graph._groups || []).map(g => ({title: g.title,
+    bounding: Array.from(g._bounding || g.bounding), font_size: g.font_size || 24}))})"""
+
+
+def live_layout_problems(page):
+    """layout.check on the canvas as it is now (live positions and sizes), plus nodes whose content
+    (widgets) needs more height than they have."""
+    from editkit.runner import layout
+    live = page.evaluate(LIVE_LAYOUT)
+    problems = layout.check(live)
+    for n in live["nodes"]:
+        if n["need"] and n["need"][1] > n["size"][1] + 1:
+            problems.append(f"node {n['id']} ({n['type']}) needs {n['need'][1]:.0f} px, has {n['size'][1]:.0f}")
+    return problems
+
+
 def test_front_end_loads_with_editkit_extension(page, object_info):
-    ek = page.evaluate("() => window.EditKit")
+    ek = page.evaluate(f"() => ({EXTENSION})().editkit")
     assert ek and ek["loaded"] is True
     served = sorted(k for k in object_info if k.startswith("EditKit"))
     assert sorted(set(ek["nodes"])) == served, "EditKit's extension did not see every EditKit node definition"
+    assert page.evaluate("() => typeof window.EditKit") == "undefined", "the extension writes a global"
     assert not page.startup_errors, page.startup_errors
     assert not [e for e in page.console.real() if "/extensions/EditKit/" in e]
 
@@ -231,10 +265,14 @@ def test_workflow_loads_in_the_front_end(path, page, object_info, converter, sho
             assert got[:len(want)] == want, f"{name}: node {node['id']} widgets {got} != file {want}"
     errors = page.console.real(mark)
     assert not errors, f"{name}: JS errors while loading: {errors}"
+    asked = [u for u in page.node_lookups if "/comfy-nodes/EditKit" in u]
+    assert not asked, f"{name}: the front end asked the registry about EditKit nodes (no cnr_id?): {asked[:3]}"
+    problems = live_layout_problems(page)
+    assert not problems, f"{name}: layout on the canvas: {problems}"
     ref = page.evaluate("async () => (await window.app.graphToPrompt()).output")
     ours = converter.to_api(converter.load(path), object_info)
-    diffs = compare_prompts(strip_meta(ours), strip_meta(ref), object_info)
-    assert not diffs, f"{name}: editkit-run's conversion differs from the front end's graphToPrompt: {diffs[:3]}"
+    diffs = compare_prompts(ours, ref, object_info)
+    assert not diffs, f"{name}: editkit-run's conversion differs from the front end's Export (API): {diffs[:3]}"
 
 
 def _templates(object_info):
@@ -273,7 +311,7 @@ def test_converter_matches_graph_to_prompt_on_the_template_corpus(page, object_i
         if "__error" in ref:
             continue  # the front end itself could not convert it
         ours = converter.ui_to_api(json.loads(json.dumps(d)), object_info)
-        diffs = compare_prompts(strip_meta(ours), strip_meta(ref), object_info)
+        diffs = compare_prompts(ours, ref, object_info)
         if diffs:
             bad[name] = diffs[:2]
     compared = sum(1 for n, _ in templates if "__error" not in refs[n])
@@ -281,28 +319,125 @@ def test_converter_matches_graph_to_prompt_on_the_template_corpus(page, object_i
     assert not bad, f"{len(bad)} of {compared} templates convert differently: {json.dumps(bad, default=str)[:3000]}"
 
 
-def test_queue_from_the_page_shows_the_result(page, comfy_server, shots):
-    names = {os.path.basename(p): p for p in WORKFLOWS}
-    pick = next((n for n in QUEUE_PREFERENCE if n in names), None) or sorted(names)[0]
-    text = open(names[pick], encoding="utf-8").read()
+APPLY_PLAN = """async (changes) => {
+    // What a user does to run the workflow on another model: swap the loader node (links kept, same id)
+    // and set widgets - here the changes of `editkit-run --model toy` (runner/substitute.py).
+    const graph = window.app.graph;
+    for (const c of changes) {
+        let node = graph.getNodeById(Number(c.node));
+        if (c.type) {
+            const outs = (node.outputs || []).map((o, i) => (o.links || []).map(l => {
+                const link = graph.links[l] || graph.links.get?.(l); return [i, link.target_id, link.target_slot]; })).flat();
+            const pos = [node.pos[0], node.pos[1]], size = [node.size[0], node.size[1]], title = node.title, id = node.id;
+            graph.remove(node);
+            const fresh = LiteGraph.createNode(c.type);
+            fresh.id = id;
+            fresh.pos = pos;
+            graph.add(fresh);
+            fresh.title = title;
+            fresh.size = [Math.max(size[0], fresh.size[0]), Math.max(size[1], fresh.size[1])];
+            for (const [slot, target, tslot] of outs) {
+                const s = c.slots ? (c.slots[slot] ?? c.slots[String(slot)] ?? slot) : slot;
+                fresh.connect(s, graph.getNodeById(target), tslot);
+            }
+            node = fresh;
+        }
+        for (const [name, value] of Object.entries(c.inputs)) {
+            const w = (node.widgets || []).find(w => w.name === name);
+            if (w) { w.value = value; w.callback?.(value); }
+        }
+    }
+    graph.setDirtyCanvas(true, true);
+}"""
+
+
+@pytest.mark.parametrize("wid", RUN_IN_BROWSER)
+def test_user_runs_a_shipped_workflow_in_the_browser(wid, page, comfy_server, object_info, converter, shots):
+    """Load the shipped workflow, pick the model and image, press Run: the result appears on the nodes."""
+    import nodes
+
+    from editkit.runner import shipped, substitute
+    path = shipped.path(wid)
+    data = json.load(open(path, encoding="utf-8"))
     mark = page.console.mark()
-    drop_file(page, pick, text)
+    drop_file(page, os.path.basename(path), json.dumps(data))
     close_dialogs(page)
     page.keyboard.press(".")  # fit view: previews are loaded when their node is drawn
+    if any(n["type"] == "LoadImage" for n in data["nodes"]):
+        # EditKit's extension uploaded the example image the Load Image names (the server's input folder lacks it)
+        page.wait_for_function("""() => window.app.graph.nodes.filter(n => n.type === 'LoadImage')
+            .every(n => n.imgs && n.imgs.length && n.imgs[0].naturalWidth > 0)""", timeout=60_000, polling=250)
+    ours = converter.to_api(data, object_info)
+    changes = substitute.plan(ours, substitute.hints(data), "toy", max_steps=TEST_MAX_STEPS)
+    page.evaluate(APPLY_PLAN, changes)
+    ref = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    expected = substitute.apply(ours, changes)
+    assert not compare_prompts(expected, ref, object_info, meta=False), \
+        "the graph picked on the page is not the one `editkit-run --model toy` runs"
+    assert not any("editkit_info" in v["inputs"] for v in ref.values())
     page.evaluate("async () => await window.app.queuePrompt(0, 1)")  # what the Run button calls
-    save_ids = page.evaluate("() => window.app.graph.nodes.filter(n => n.type === 'SaveImage').map(n => n.id)")
+    save_ids = [int(k) for k, v in ref.items() if v["class_type"] == "SaveImage"]
+    shows = {int(k): getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "EDITKIT_SHOWS", ()) for k, v in ref.items()}
+    previews = [k for k, s in shows.items() if "image" in s]
+    texts = [k for k, s in shows.items() if "text" in s]
     assert save_ids
     try:
-        page.wait_for_function("""(ids) => ids.every(id => {
-                const n = window.app.graph.getNodeById(id);
-                return n && n.imgs && n.imgs.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; })""",
-                               arg=save_ids, timeout=300_000, polling=500)
+        page.wait_for_function("""([ids, previews, texts]) => {
+                const g = window.app.graph, ek = (window.app.extensions || []).find(e => e.name === 'editkit.core');
+                const shown = id => { const n = g.getNodeById(id);
+                    return n && n.imgs && n.imgs.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0; };
+                return ids.every(shown) && previews.every(shown) && texts.every(id => ek.editkit.shown[id]); }""",
+                               arg=[save_ids, previews, texts], timeout=300_000, polling=500)
+        page.wait_for_timeout(500)   # let the canvas lay out what arrived
     finally:
-        page.screenshot(path=str(shots / ("queued-" + pick.removesuffix(".json") + ".png")))
-    srcs = page.evaluate("(ids) => ids.map(id => window.app.graph.getNodeById(id).imgs[0].src)", save_ids)
-    assert all("/view?" in s and "type=output" in s for s in srcs), srcs
+        page.screenshot(path=str(shots / ("run-" + wid + ".png")))
+    srcs = page.evaluate("(ids) => ids.map(id => window.app.graph.getNodeById(id).imgs[0].src)", save_ids + previews)
+    assert all("/view?" in s for s in srcs), srcs
+    assert all("type=output" in s for s in srcs[:len(save_ids)]) and all("type=temp" in s for s in srcs[len(save_ids):])
+    boxes = page.evaluate("""(ids) => ids.map(id => { const n = window.app.graph.getNodeById(id);
+        const w = (n.widgets || []).find(w => w.name === 'editkit_info'); return w ? w.element.value : null; })""", texts)
+    assert all(boxes), f"no text box on {texts}: {boxes}"
+    if wid == "inversion_ddim":
+        assert re.match(r"PSNR [\d.]+ dB, SSIM [\d.]+", boxes[0]), boxes
+    if wid == "lora_merge":
+        assert any("saved models/loras/editkit/" in b for b in boxes), boxes
+    problems = live_layout_problems(page)
+    assert not problems, f"{wid}: layout after the run: {problems}"
+    # the text boxes are not saved into the workflow or sent to the server
+    after = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert not compare_prompts(ref, after, object_info)
     errors = page.console.real(mark)
     assert not errors, errors
+
+
+def test_templates_browser_shows_editkit_workflows_with_thumbnails(page, comfy_server):
+    """The Templates browser (Workflow > Browse Templates) lists EditKit's workflows under its readable titles,
+    each card with its thumbnail loaded."""
+    names = sorted(os.path.basename(p)[:-5] for p in WORKFLOWS)
+    listed = comfy_server.get_json("/workflow_templates")    # what the browser's template store fetches
+    assert sorted(listed.get("EditKit") or []) == names
+    urls = page.evaluate("""async (names) => Promise.all(names.map(async n => {
+        const img = new Image(); img.src = '/api/workflow_templates/EditKit/' + encodeURIComponent(n) + '.jpg';
+        try { await img.decode(); return [img.naturalWidth, img.naturalHeight]; } catch (e) { return null; } }))""", names)
+    assert all(u and u[0] >= 128 for u in urls), dict(zip(names, urls))
+
+
+def test_registry_lookup_check_detects_nodes_without_cnr_id(page):
+    """Negative control for the cnr_id check: the same workflow without cnr_id/ver makes the front end ask
+    the registry about each EditKit node (https://api.comfy.org/comfy-nodes/<type>/node; unreachable here)."""
+    from editkit.runner import shipped
+    data = json.load(open(shipped.path("inversion_ddim"), encoding="utf-8"))
+    for n in data["nodes"]:
+        for key in ("cnr_id", "ver"):
+            (n.get("properties") or {}).pop(key, None)
+    before = len(page.node_lookups)
+    drop_file(page, "no-cnr-id.json", json.dumps(data))
+    close_dialogs(page)
+    for _ in range(20):
+        if any("/comfy-nodes/EditKit" in u for u in page.node_lookups[before:]):
+            break
+        page.wait_for_timeout(250)
+    assert any("/comfy-nodes/EditKit" in u for u in page.node_lookups[before:]), page.node_lookups[before:]
 
 
 def test_missing_node_dialog_is_detected(page, shots):

@@ -69,7 +69,8 @@ def test_probe_is_fast_and_leaves_thread_count():
 
 
 def test_guard_flags_emulated_compute_only(_emulated_dtype_guard):
-    lin = torch.nn.Linear(8, 8)
+    import comfy.ops
+    lin = comfy.ops.disable_weight_init.Linear(8, 8)   # ComfyUI's op (a torch.nn.Linear), as pack code uses
     with _emulated_dtype_guard.paused():   # the session guard (active on emulating hosts) stays out of the way
         with ek_dtype_guard.EmulatedComputeGuard(emulated={torch.bfloat16}) as guard:
             lin(torch.randn(2, 8))                                       # fp32: fine

@@ -101,6 +101,14 @@ def test_unknown_nodes_are_named_before_running(wf, classes):
     assert "AlsoMissing" not in str(e.value)  # muted nodes never run
 
 
+def sdedit_path():
+    from editkit.runner import shipped
+    return shipped.path("sdedit")
+
+
+TOY = ("--model", "toy", "--max-steps", "12")
+
+
 def run_cli(*args, timeout=600):
     """The console script in a subprocess: the real entry point, a fresh ComfyUI boot."""
     proc = subprocess.run(RUNNER + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
@@ -159,22 +167,22 @@ def test_cli_missing_model_file_names_node_and_input(tmp_path, cli):
 
 
 def test_cli_wrong_type_and_unknown_input(tmp_path, cli):
-    path = os.path.join(ROOT, "workflows", "sdedit.json")
-    proc, summary, lines = cli(path, "--out", str(tmp_path), "--quiet", "--set", "KSampler.steps=many")
+    path = sdedit_path()
+    proc, summary, lines = cli(path, *TOY, "--out", str(tmp_path), "--quiet", "--set", "EditKitSDEdit.steps=many")
     assert proc.returncode == 2 and len(lines) == 1
-    assert "(KSampler" in lines[0] and "input 'steps'" in lines[0]
-    proc, _, lines = cli(path, "--out", str(tmp_path), "--quiet", "--set", "KSampler.stepz=3")
+    assert "(EditKitSDEdit" in lines[0] and "input 'steps'" in lines[0]
+    proc, _, lines = cli(path, *TOY, "--out", str(tmp_path), "--quiet", "--set", "KSamplerSelect.stepz=3")
     assert proc.returncode == 2 and len(lines) == 1 and "has no input 'stepz'" in lines[0]
 
 
 def test_cli_runtime_error_keeps_earlier_outputs(tmp_path, cli):
     """A node that raises mid-run: one line with node and input, exit 1, files already written stay."""
-    path = os.path.join(ROOT, "workflows", "sdedit.json")
+    path = sdedit_path()
     (tmp_path / "earlier.png").write_bytes(b"kept")
     data = json.load(open(path))
     # make the edit branch fail at run time: SDEdit's latent from a latent of the wrong channel count
     ids = {n["type"]: n["id"] for n in data["nodes"]}
-    assert "EditKitSDEdit" in ids, "sdedit.json lost its EditKitSDEdit node"
+    assert "EditKitSDEdit" in ids, "the SDEdit workflow lost its EditKitSDEdit node"
     data["nodes"].append({"id": 99, "type": "EmptyHunyuanLatentVideo", "mode": 0, "inputs": [],
                           "outputs": [{"type": "LATENT", "links": [999]}], "widgets_values": [64, 64, 1, 1]})
     sd = next(n for n in data["nodes"] if n["type"] == "EditKitSDEdit")
@@ -187,7 +195,7 @@ def test_cli_runtime_error_keeps_earlier_outputs(tmp_path, cli):
     old["link"] = 999
     f = tmp_path / "broken.json"
     f.write_text(json.dumps(data))
-    proc, summary, lines = cli(str(f), "--out", str(tmp_path))
+    proc, summary, lines = cli(str(f), *TOY, "--out", str(tmp_path))
     assert proc.returncode == 1, proc.stderr
     assert len(lines) == 1 and f"node {sd['id']} (EditKitSDEdit" in lines[0] and "'latent'" in lines[0], lines
     assert (tmp_path / "earlier.png").read_bytes() == b"kept"
@@ -196,9 +204,9 @@ def test_cli_runtime_error_keeps_earlier_outputs(tmp_path, cli):
 
 
 def test_cli_summary_progress_seed_and_overrides(tmp_path, cli):
-    path = os.path.join(ROOT, "workflows", "sdedit.json")
+    path = sdedit_path()
     api = tmp_path / "api.json"
-    proc, summary, _ = run_cli(path, "--out", str(tmp_path / "o"), "--seed", "5", "--set", "Edit prompt.text=a green square",
+    proc, summary, _ = run_cli(path, *TOY, "--out", str(tmp_path / "o"), "--seed", "5", "--set", "Edit prompt.text=a green square",
                                "--set", "EditKitSDEdit.strength=0.3", "--save-api", str(api))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert summary["success"] and summary["mode"] == "in-process" and summary["total_time"] > 0
@@ -212,10 +220,92 @@ def test_cli_summary_progress_seed_and_overrides(tmp_path, cli):
     assert "step 12/12" in proc.stderr or "step " in proc.stderr
     assert f"[{len(prompt)}/{len(prompt)}]" in proc.stderr and "done in" in proc.stderr
     # same seed -> same images
-    proc2, summary2, _ = cli(path, "--out", str(tmp_path / "o2"), "--seed", "5", "--set", "Edit prompt.text=a green square",
+    proc2, summary2, _ = cli(path, *TOY, "--out", str(tmp_path / "o2"), "--seed", "5", "--set", "Edit prompt.text=a green square",
                                  "--set", "EditKitSDEdit.strength=0.3", "--quiet")
     assert proc2.returncode == 0 and proc2.stderr.count("[") == 0
     from PIL import Image
     import numpy as np
     for a, b in zip(sorted(summary["outputs"]), sorted(summary2["outputs"])):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model substitution (--model toy) and the speed knob (--max-steps)
+# ---------------------------------------------------------------------------------------------
+
+def test_substitution_swaps_loaders_keeps_output_meaning_and_scales_sizes():
+    from editkit.runner import substitute
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768, "batch_size": 1}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["2", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a 512 px cat"}},
+        "6": {"class_type": "MaskComposite", "inputs": {"x": 256, "y": 100, "operation": "add",
+                                                        "destination": ["7", 0], "source": ["7", 0]}},
+        "7": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 512, "height": 512}},
+    }
+    out = substitute.to_toy(prompt)
+    assert out["1"] == {"class_type": "EditKitToyModelLoader", "inputs": {"weights": "toy.safetensors"}}
+    assert out["2"]["class_type"] == "EditKitToyModelLoader"
+    assert out["4"]["inputs"]["vae"] == ["2", 2], "a VAE loader's output is the toy loader's VAE (slot 2)"
+    assert out["5"]["inputs"] == {"clip": ["1", 1], "text": "a 512 px cat"}
+    assert (out["3"]["inputs"]["width"], out["3"]["inputs"]["height"]) == (128, 192)
+    assert (out["6"]["inputs"]["x"], out["6"]["inputs"]["y"], out["7"]["inputs"]["width"]) == (64, 25, 128)
+    assert prompt["1"]["class_type"] == "CheckpointLoaderSimple", "the input prompt is left as it was"
+
+
+def test_substitution_hints_and_native_resolution():
+    from editkit.runner import substitute
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl.safetensors"}},
+              "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "weak.safetensors"}},
+              "3": {"class_type": "ImageScale", "inputs": {"width": 1024, "height": 1024, "image": ["9", 0]}},
+              "4": {"class_type": "EditKitNullTextInversion", "inputs": {"learning_rate": 0.01, "steps": 50}}}
+    hints = {"1": {"resolution": 1024},
+             "2": {"type": "EditKitToyModelLoader", "inputs": {"weights": "toy_weak.safetensors"}},
+             "4": {"inputs": {"learning_rate": 0.05}}}
+    out = substitute.to_toy(prompt, hints)
+    assert out["2"]["inputs"] == {"weights": "toy_weak.safetensors"}
+    assert out["3"]["inputs"]["width"] == 128 and out["4"]["inputs"] == {"learning_rate": 0.05, "steps": 50}
+    # hints are read from the UI file's node properties
+    ui_data = {"nodes": [{"id": 4, "properties": {"editkit_toy": hints["4"]}}, {"id": 5, "properties": {}}]}
+    assert substitute.hints(ui_data) == {"4": hints["4"]}
+
+
+def test_max_steps_caps_steps_and_scales_step_indices():
+    from editkit.runner import substitute
+    prompt = {"1": {"class_type": "EditKitDDPMInversion", "inputs": {"steps": 100, "skip": 36, "cfg": 3.5}},
+              "2": {"class_type": "EditKitMasaCtrl", "inputs": {"start_step": 4, "end_step": -1, "steps": 50}},
+              "3": {"class_type": "KSampler", "inputs": {"steps": 8, "seed": 1}}}
+    out = substitute.apply(prompt, substitute.plan(prompt, model=None, max_steps=12))
+    assert out["1"]["inputs"] == {"steps": 12, "skip": 4, "cfg": 3.5}
+    assert out["2"]["inputs"] == {"start_step": 1, "end_step": -1, "steps": 12}
+    assert out["3"]["inputs"] == {"steps": 8, "seed": 1}
+
+
+def test_cli_model_toy_saves_the_substituted_prompt_with_titles(tmp_path, cli):
+    """--model toy on the shipped SDEdit workflow: the API prompt that ran has the toy loader, 128 px, and a
+    _meta.title on every node (as the front end's Export (API) writes); the example image was provided."""
+    import folder_paths
+    api = tmp_path / "api.json"
+    example = os.path.join(folder_paths.get_input_directory(), "editkit_example.png")
+    if os.path.exists(example):
+        os.remove(example)
+    proc, summary, lines = cli(sdedit_path(), *TOY, "--out", str(tmp_path), "--quiet", "--save-api", str(api))
+    assert proc.returncode == 0 and summary["success"], lines
+    prompt = json.loads(api.read_text())
+    assert all(v.get("_meta", {}).get("title") for v in prompt.values())
+    types = {v["class_type"] for v in prompt.values()}
+    assert "EditKitToyModelLoader" in types and "CheckpointLoaderSimple" not in types
+    scale = next(v for v in prompt.values() if v["class_type"] == "ImageScale")
+    assert (scale["inputs"]["width"], scale["inputs"]["height"]) == (128, 128)
+    assert os.path.exists(example), "the example image was not copied into the input folder"
+
+
+def test_api_titles_default_to_the_display_name(wf, classes):
+    data = ui([node(1, "EmptyLatentImage", [64, 64, 1]), node(2, "EditKitSDEdit", [0.5, 10, "normal", 0, "fixed"]),
+               node(3, "KSamplerSelect", ["euler"], title="My sampler")], [])
+    api = wf.ui_to_api(data, classes)
+    assert api["1"]["_meta"] == {"title": "Empty Latent Image"}
+    assert api["2"]["_meta"] == {"title": "SDEdit (noise a guide image)"}
+    assert api["3"]["_meta"] == {"title": "My sampler"}

@@ -4,13 +4,15 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 
 import pytest
 
-from ek_server import ROOT, WORKFLOWS, shared_server, stop_shared_server
+from ek_server import ROOT, TEST_MAX_STEPS, WORKFLOWS, shared_server, stop_shared_server
 
 RUNNER = [sys.executable, os.path.join(ROOT, "scripts", "editkit_run.py")]
+TOY = ("--model", "toy", "--max-steps", str(TEST_MAX_STEPS))
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +71,7 @@ def test_web_extension_is_served(comfy_server):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
 def test_workflow_runs_on_the_server(path, comfy_server, tmp_path):
-    proc, summary = run_cli(path, "--server", comfy_server.url, "--out", str(tmp_path))
+    proc, summary = run_cli(path, *TOY, "--server", comfy_server.url, "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:] + "\n--- server log ---\n" + comfy_server.log_tail(3000)
     assert summary["success"] and summary["mode"] == "server"
     assert summary["outputs"], "no output image came back"
@@ -83,22 +85,49 @@ def test_workflow_runs_on_the_server(path, comfy_server, tmp_path):
 
 
 def test_server_node_errors_name_node_and_input(comfy_server, tmp_path):
-    wf = os.path.join(ROOT, "workflows", "sdedit.json")
-    assert os.path.exists(wf), wf
-    proc, summary = run_cli(wf, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
-                            "--set", "KSampler.steps=abc")
+    from editkit.runner import shipped
+    wf = shipped.path("sdedit")
+    proc, summary = run_cli(wf, *TOY, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
+                            "--set", "EditKitSDEdit.steps=abc")
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.startswith("editkit-run:")]
-    assert len(lines) == 1 and "(KSampler" in lines[0] and "input 'steps'" in lines[0], proc.stderr
+    assert len(lines) == 1 and "(EditKitSDEdit" in lines[0] and "input 'steps'" in lines[0], proc.stderr
     assert summary["success"] is False
 
 
 def test_server_runtime_error_keeps_earlier_outputs(comfy_server, tmp_path):
-    wf = os.path.join(ROOT, "workflows", "attention_maps.json")
-    assert os.path.exists(wf), wf
-    proc, summary = run_cli(wf, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
+    from editkit.runner import shipped
+    wf = shipped.path("attention_maps")
+    proc, summary = run_cli(wf, *TOY, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet",
                             "--set", "EditKitAttentionMaps.words=")
     assert proc.returncode == 1, proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("editkit-run:")]
     assert len(lines) == 1 and "EditKitAttentionMaps" in lines[0] and "'words'" in lines[0], proc.stderr
     assert summary["error"]["node_type"] == "EditKitAttentionMaps"
+
+
+def test_templates_browser_lists_every_workflow_with_its_thumbnail(comfy_server):
+    """What the front end's Templates browser reads: /workflow_templates (titles = file names) and one
+    <name>.jpg thumbnail per workflow beside it (made from the toy run, scripts/build_thumbnails.py)."""
+    listed = comfy_server.get_json("/workflow_templates")
+    ours = listed.get("EditKit")
+    names = sorted(os.path.basename(p)[:-5] for p in WORKFLOWS)
+    assert ours and sorted(ours) == names, listed
+    for name in names:
+        url = comfy_server.url + "/api/workflow_templates/EditKit/" + urllib.parse.quote(name) + ".jpg"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", name
+
+
+def test_example_image_is_uploaded_when_the_server_lacks_it(comfy_server, tmp_path):
+    """editkit-run --server uploads the shipped example image a Load Image names (as the front-end
+    extension does when the workflow is opened) instead of failing on a fresh ComfyUI."""
+    from editkit.runner import shipped
+    target = os.path.join(comfy_server.base, "input", "editkit_example.png")
+    if os.path.exists(target):
+        os.remove(target)
+    proc, summary = run_cli(shipped.path("sdedit"), *TOY, "--server", comfy_server.url, "--out", str(tmp_path), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.exists(target)
+    with urllib.request.urlopen(comfy_server.url + "/extensions/EditKit/examples/editkit_example.png", timeout=30) as r:
+        assert r.read() == open(target, "rb").read()

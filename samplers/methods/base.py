@@ -101,9 +101,10 @@ class InversionRun:
         """x0 of the source prompt at level sigma (guided with spec), in x's dtype."""
         return self.guider.x0(x, sigma, self.spec, self.model_options)
 
-    def tick(self, evaluations: int = 1):
+    def tick(self, evaluations: int = 1, x0=None):
+        """Advance the progress bar; x0 (the latest clean-latent estimate) becomes ComfyUI's preview."""
         if self.pbar is not None:
-            self.pbar.update(evaluations)
+            self.pbar.update(evaluations, x0)
 
 
 @dataclass
@@ -250,7 +251,7 @@ class InversionMethod:
         (steps, scheduler) stored before the method's own parameters."""
         x0 = prepare_latent(model, latent)
         spec = BranchSpec("positive", "negative" if negative is not None else None, float(cfg))
-        pbar = progress_bar(self.evaluations(len(sigmas) - 1, p))
+        pbar = progress_bar(self.evaluations(len(sigmas) - 1, p), model)
         guider = make_guider(model, {"positive": positive, "negative": negative}, cfg)
 
         def loop(g, sig, extra_args, latent_image):

@@ -45,7 +45,7 @@ class EDICT(InversionMethod):
             den = run.denoise(y, s_hi)
             x = x_inter - (y - den) / s_hi * dt
             xs[k], ys[k] = to_storage(x), to_storage(y)
-            run.tick(2)
+            run.tick(2, den)
         return InversionResult(latents=xs, pair=ys)
 
     def start(self, ctx):
@@ -106,7 +106,7 @@ class EditFriendlyDDPM(InversionMethod):
             mean, std = ddpm_posterior(ms, noisy[i], den, s, s_next)
             residuals.append(to_storage(noisy[i + 1] - mean))
             stds.append(std)
-            run.tick(1)
+            run.tick(1, den)
         return InversionResult(latents=[to_storage(t) for t in noisy], residuals=residuals, noise_std=stds,
                                start_index=int(p.skip))
 

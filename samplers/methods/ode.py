@@ -36,7 +36,7 @@ def ode_invert(run: InversionRun, fixed_point: int, gamma: float = 0.0) -> Inver
             x_hi = x + (x_hi - den) / s_hi * (s_hi - s_lo)
         x = x_hi
         lat[k] = to_storage(x)
-        run.tick(1 + fixed_point)
+        run.tick(1 + fixed_point, den)
     return InversionResult(latents=lat)
 
 

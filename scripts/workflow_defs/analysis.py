@@ -1,37 +1,34 @@
 """Workflows of the analysis nodes."""
-from .common import SOURCE_PROMPT, builder, model_loader
+from .common import SOURCE_PROMPT, builder, checkpoint, decode_and_save, empty_latent, note, text
 
 
-def attention_maps():
+def attention_maps(family="sd15"):
     b = builder()
-    ld = model_loader(b)
-    text = b.add("PrimitiveStringMultiline", (20, 360), title="Prompt", value=SOURCE_PROMPT, size=(300, 100))
-    pos_txt = b.add("CLIPTextEncode", (380, 40), title="Positive prompt", size=(300, 100))
-    neg_txt = b.add("CLIPTextEncode", (380, 180), title="Negative prompt", text="", size=(300, 100))
-    b.connect(ld.out("clip"), pos_txt, "clip")
-    b.connect(ld.out("clip"), neg_txt, "clip")
-    b.connect(text.out(0), pos_txt, "text")
-    cap = b.add("EditKitAttentionMaps", (380, 320), words="red, circle, background", levels="coarsest two",
-                start_percent=0.0, end_percent=1.0, size=(320, 230))
+    note(b, family, "Attention maps: where each word of the prompt lands",
+         ["**Prompt**: your prompt; **words**: the words to map (comma separated).",
+          "The heat maps appear on Show Attention Maps (one panel per word)."], "30 steps, CFG 7.5.")
+    ld = checkpoint(b, family)
+    prompt = b.add("PrimitiveStringMultiline", title="Prompt", col=0, value=SOURCE_PROMPT)
+    pos = b.add("CLIPTextEncode", title="Encode the prompt")
+    b.connect(ld.out("clip"), pos, "clip")
+    b.connect(prompt.out(0), pos, "text")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    cap = b.add("EditKitAttentionMaps", words="red, circle, background", levels="coarsest two",
+                start_percent=0.0, end_percent=1.0)
     b.connect(ld.out("model"), cap, "model")
     b.connect(ld.out("clip"), cap, "clip")
-    b.connect(text.out(0), cap, "prompt")
-    empty = b.add("EmptyLatentImage", (380, 590), width=128, height=128, batch_size=1, size=(300, 110))
-    ks = b.add("KSampler", (760, 40), seed=1, steps=12, cfg=5.0, sampler_name="euler", scheduler="normal",
-               denoise=1.0, size=(300, 270))
+    b.connect(prompt.out(0), cap, "prompt")
+    empty = empty_latent(b, family)
+    ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
     b.connect(cap.out(0), ks, "model")
-    b.connect(pos_txt.out(0), ks, "positive")
-    b.connect(neg_txt.out(0), ks, "negative")
+    b.connect(pos.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
     b.connect(empty.out(0), ks, "latent_image")
-    dec = b.add("VAEDecode", (1100, 40), size=(200, 50))
-    b.connect(ks.out(0), dec, "samples")
-    b.connect(ld.out("vae"), dec, "vae")
-    show = b.add("EditKitShowAttentionMaps", (1100, 160), opacity=0.6, colormap="inferno", size=(300, 130))
+    dec, _ = decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_attention_maps_image")
+    show = b.add("EditKitShowAttentionMaps", opacity=0.6, colormap="inferno")
     b.connect(cap.out(1), show, "attention_maps")
     b.connect(dec.out(0), show, "image")
-    save = b.add("SaveImage", (1450, 40), filename_prefix="editkit_attention_maps", size=(400, 300))
-    b.connect(show.out(0), save, "images")
     return b.build()
 
 
-WORKFLOWS = {"attention_maps.json": attention_maps}
+WORKFLOWS = {"attention_maps": ("Analysis - Attention maps", attention_maps)}

@@ -1,62 +1,46 @@
-"""Workflows of the inversion nodes: image -> invert -> edit with a new prompt -> decode, plus the
-reconstruction error. The "real image" is made inside the workflow (txt2img, decode, encode) so the files
-run anywhere; replace the 'Source image' group by LoadImage + VAE Encode for a photo."""
-from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, decode_and_save, model_loader
+"""Workflows of the inversion nodes: your photo -> invert -> edit with a new prompt -> decode, with the
+reconstruction error (PSNR/SSIM and the difference heat map on the node)."""
+from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, checkpoint, decode_and_save, note, photo, photo_step, text
 
-X0, X1, X2, X3 = 20, 380, 760, 1140
-
-
-def _scaffold(b, loader=None):
-    """Loader, prompts, the source image (txt2img -> decode -> encode). Returns a dict of handles."""
-    ld = loader or model_loader(b)
-    src_txt = b.add("CLIPTextEncode", (X1, 40), title="Source prompt (describes the image)", text=SOURCE_PROMPT, size=(320, 110))
-    tgt_txt = b.add("CLIPTextEncode", (X1, 190), title="Edit prompt", text=EDIT_PROMPT, size=(320, 110))
-    neg_txt = b.add("CLIPTextEncode", (X1, 340), title="Negative / null text", text="", size=(320, 100))
-    for t in (src_txt, tgt_txt, neg_txt):
-        b.connect(ld.out("clip"), t, "clip")
-    empty = b.add("EmptyLatentImage", (X1, 480), width=128, height=128, batch_size=1, size=(320, 110))
-    ks = b.add("KSampler", (X2, 40), title="Source image (txt2img stand-in for a photo)", seed=1, steps=12, cfg=5.0,
-               sampler_name="euler", scheduler="normal", denoise=1.0, size=(300, 270))
-    b.connect(ld.out("model"), ks, "model")
-    b.connect(src_txt.out(0), ks, "positive")
-    b.connect(neg_txt.out(0), ks, "negative")
-    b.connect(empty.out(0), ks, "latent_image")
-    dec = b.add("VAEDecode", (X2, 340), title="Source image", size=(200, 50))
-    b.connect(ks.out(0), dec, "samples")
-    b.connect(ld.out("vae"), dec, "vae")
-    enc = b.add("VAEEncode", (X2, 420), title="Encode the image to invert", size=(200, 50))
-    b.connect(dec.out(0), enc, "pixels")
-    b.connect(ld.out("vae"), enc, "vae")
-    save = b.add("SaveImage", (X2, 520), filename_prefix="editkit_inversion_source", size=(260, 280))
-    b.connect(dec.out(0), save, "images")
-    b.group("Source image (swap for LoadImage + VAE Encode)", (X2 - 10, 0, 320, 820))
-    return {"ld": ld, "src": src_txt, "tgt": tgt_txt, "neg": neg_txt, "image": dec, "latent": enc}
+PROMPTS = ("**Source prompt**: describe your photo; **Edit prompt**: the same sentence with the words you "
+           "want changed (here red -> blue).")
+OUTPUT = ("The saved image holds the reconstruction (left: how well the inversion reproduces your photo) and "
+          "the edit (right); Reconstruction Error shows PSNR/SSIM and a heat map of the difference.")
 
 
-def _edit_and_measure(b, s, inversion_out, prefix, cfg, negative=True, x=X3 + 360):
+def _scaffold(b, family, what, steps_text, defaults):
+    note(b, family, what, [photo_step(family), PROMPTS, steps_text, OUTPUT], defaults)
+    ld = checkpoint(b, family)
+    img = photo(b, ld.out("vae"), family)
+    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
+    tgt = text(b, ld.out("clip"), EDIT_PROMPT, "Edit prompt")
+    neg = text(b, ld.out("clip"), "", "Negative / null text")
+    return {"ld": ld, "src": src, "tgt": tgt, "neg": neg, "image": img["image"], "latent": img["latent"]}
+
+
+def _edit_and_measure(b, s, inversion_out, prefix, cfg, negative=True):
     """EditKitInversionSampler (source + target) -> SamplerCustomAdvanced -> decode, + reconstruction error."""
-    smp = b.add("EditKitInversionSampler", (x, 40), cfg=cfg, output="source + target", size=(320, 200))
+    smp = b.add("EditKitInversionSampler", cfg=cfg, output="source + target")
     b.connect(s["ld"].out("model"), smp, "model")
     b.connect(inversion_out, smp, "inversion")
     b.connect(s["tgt"].out(0), smp, "positive")
     if negative:
         b.connect(s["neg"].out(0), smp, "negative")
-    sca = b.add("SamplerCustomAdvanced", (x, 300), size=(260, 130))
+    sca = b.add("SamplerCustomAdvanced", title="Sample reconstruction + edit")
     for i, name in enumerate(("noise", "guider", "sampler", "sigmas", "latent_image")):
         b.connect(smp.out(i), sca, name)
-    decode_and_save(b, sca.out(0), s["ld"].out("vae"), (x + 340, 40), f"{prefix}_reconstruction_and_edit")
-    rec = b.add("LatentFromBatch", (x, 480), title="Reconstruction (source branch)", batch_index=0, length=1, size=(260, 100))
+    decode_and_save(b, sca.out(0), s["ld"].out("vae"), f"{prefix}_reconstruction_and_edit",
+                    title="Decode reconstruction + edit")
+    rec = b.add("LatentFromBatch", title="Reconstruction (source branch)", batch_index=0, length=1)
     b.connect(sca.out(0), rec, "samples")
-    rec_dec = b.add("VAEDecode", (x, 620), size=(200, 50))
+    rec_dec = b.add("VAEDecode", title="Decode the reconstruction")
     b.connect(rec.out(0), rec_dec, "samples")
     b.connect(s["ld"].out("vae"), rec_dec, "vae")
-    err = b.add("EditKitReconstructionError", (x + 340, 400), size=(300, 160))
+    err = b.add("EditKitReconstructionError")
     b.connect(s["image"].out(0), err, "image")
     b.connect(rec_dec.out(0), err, "reconstruction")
     b.connect(s["latent"].out(0), err, "latent")
     b.connect(rec.out(0), err, "reconstruction_latent")
-    save = b.add("SaveImage", (x + 680, 400), filename_prefix=f"{prefix}_difference", size=(260, 280))
-    b.connect(err.out(4), save, "images")
     return smp
 
 
@@ -68,74 +52,86 @@ def _inputs(b, s, node, negative=False):
         b.connect(s["neg"].out(0), node, "negative")
 
 
-def ddim():
+def ddim(family="sd15"):
     b = builder()
-    s = _scaffold(b)
-    inv = b.add("EditKitInvert", (X3, 40), cfg=1.0, steps=12, scheduler="normal", fixed_point_iterations=2, size=(320, 230))
+    s = _scaffold(b, family, "DDIM inversion, then edit", "**EditKit Invert**: more fixed-point iterations "
+                  "reconstruct more exactly (0 = plain DDIM inversion).",
+                  "50 steps, inversion CFG 1 with 2 fixed-point iterations (ReNoise / AIDI style), edit CFG 2.")
+    inv = b.add("EditKitInvert", cfg=1.0, steps=50, scheduler="normal", fixed_point_iterations=2)
     _inputs(b, s, inv)
     _edit_and_measure(b, s, inv.out(1), "editkit_inversion_ddim", cfg=2.0)
     return b.build()
 
 
-def direct():
+def direct(family="sd15"):
     b = builder()
-    s = _scaffold(b)
-    inv = b.add("EditKitInvert", (X3, 40), cfg=1.0, steps=12, scheduler="normal", fixed_point_iterations=0, size=(320, 230))
+    s = _scaffold(b, family, "Direct Inversion (PnP-Inversion): exact source branch, free edit branch",
+                  "**EditKit Direct Inversion** puts the reconstruction branch back on the inversion path at every "
+                  "step, so the edit can use a high CFG.", "50 steps, edit CFG 7.5 (Ju et al. 2024).")
+    inv = b.add("EditKitInvert", cfg=1.0, steps=50, scheduler="normal", fixed_point_iterations=0)
     _inputs(b, s, inv)
-    di = b.add("EditKitDirectInversion", (X3, 320), size=(320, 60))
+    di = b.add("EditKitDirectInversion")
     b.connect(inv.out(1), di, "inversion")
     _edit_and_measure(b, s, di.out(0), "editkit_inversion_direct", cfg=7.5)
     return b.build()
 
 
-def null_text():
+def null_text(family="sd15"):
     b = builder()
-    s = _scaffold(b)
-    # Paper settings are 50 steps and 10 iterations; fewer here so the example runs in seconds on a CPU.
-    # lr 5e-2: the toy model's 64-d text embeddings need a larger step than the paper's 1e-2 for SD's 768-d.
-    inv = b.add("EditKitNullTextInversion", (X3, 40), cfg=7.5, steps=10, scheduler="normal", inner_iterations=5,
-                learning_rate=0.05, early_stop=1e-5, fixed_point_iterations=0, size=(320, 300))
+    s = _scaffold(b, family, "Null-text inversion (NTI), then edit at CFG 7.5",
+                  "**EditKit Null-Text Inversion** optimises the unconditional embedding per step (minutes on a "
+                  "GPU for 50 x 10; fewer inner iterations are quicker and still close).",
+                  "50 steps x 10 inner iterations, learning rate 1e-2, early stop 1e-5, CFG 7.5 (Mokady et al. 2023).")
+    # On the toy model (64-d text embeddings) the step must be larger than the paper's 1e-2 for SD's 768-d.
+    inv = b.add("EditKitNullTextInversion", toy={"inputs": {"learning_rate": 0.05}}, cfg=7.5, steps=50,
+                scheduler="normal", inner_iterations=10, learning_rate=0.01, early_stop=1e-5, fixed_point_iterations=0)
     _inputs(b, s, inv, negative=True)
     _edit_and_measure(b, s, inv.out(1), "editkit_inversion_null_text", cfg=7.5)
     return b.build()
 
 
-def negative_prompt():
+def negative_prompt(family="sd15"):
     b = builder()
-    s = _scaffold(b)
-    inv = b.add("EditKitNegativePromptInversion", (X3, 40), steps=12, scheduler="normal", fixed_point_iterations=1,
-                proximal="l0", quantile=0.7, size=(320, 230))
+    s = _scaffold(b, family, "Negative-prompt inversion + ProxEdit, then edit",
+                  "No optimisation: the source prompt stands in for the null text; ProxEdit's l0 proximal "
+                  "guidance keeps the edit local.", "50 steps, CFG 7.5, l0 proximal at quantile 0.7 (Miyake et al. 2023; Han et al. 2024).")
+    inv = b.add("EditKitNegativePromptInversion", steps=50, scheduler="normal", fixed_point_iterations=1,
+                proximal="l0", quantile=0.7)
     _inputs(b, s, inv)
     _edit_and_measure(b, s, inv.out(1), "editkit_inversion_npi", cfg=7.5, negative=False)
     return b.build()
 
 
-def edict():
+def edict(family="sd15"):
     b = builder()
-    s = _scaffold(b)
-    inv = b.add("EditKitEDICT", (X3, 40), cfg=3.0, mix=0.93, steps=12, scheduler="normal", size=(320, 230))
+    s = _scaffold(b, family, "EDICT: exact inversion with coupled latents, then edit",
+                  "**EditKit EDICT**: mix p = 0.93 (the paper's); reconstruction is exact up to float error.",
+                  "50 steps, CFG 3, p 0.93 (Wallace et al. 2023).")
+    inv = b.add("EditKitEDICT", cfg=3.0, mix=0.93, steps=50, scheduler="normal")
     _inputs(b, s, inv, negative=True)
     _edit_and_measure(b, s, inv.out(1), "editkit_inversion_edict", cfg=3.0)
     return b.build()
 
 
-def ddpm():
+def ddpm(family="sd15"):
     b = builder()
-    s = _scaffold(b)
-    inv = b.add("EditKitDDPMInversion", (X3, 40), cfg=3.5, steps=20, scheduler="normal", skip=7, seed=0, size=(320, 260))
+    s = _scaffold(b, family, "Edit-friendly DDPM inversion, then edit",
+                  "**EditKit DDPM Inversion** stores one noise map per step; **skip** the first steps to keep more "
+                  "of the photo's layout.", "100 steps, T_skip 36, inversion CFG 3.5, edit CFG 15 (Huberman-Spiegelglas et al. 2024).")
+    inv = b.add("EditKitDDPMInversion", cfg=3.5, steps=100, scheduler="normal", skip=36, seed=0)
     _inputs(b, s, inv, negative=True)
-    _edit_and_measure(b, s, inv.out(1), "editkit_inversion_ddpm", cfg=10.0)
+    _edit_and_measure(b, s, inv.out(1), "editkit_inversion_ddpm", cfg=15.0)
     return b.build()
 
 
-def rf_inversion():
+def rf_inversion(family="sd3"):
     b = builder()
-    # RF-Inversion needs a rectified-flow model (SD3 / Flux); the built-in tiny flow UNet stands in for one.
-    ld = b.add("EditKitTinyModelLoader", (20, 200), title="Flow model (SD3 / Flux in real use)",
-               parameterization="flow", seed=0, size=(300, 120))
-    s = _scaffold(b, loader=ld)
-    inv = b.add("EditKitRFInversion", (X3, 40), steps=12, scheduler="simple", gamma=0.5, seed=0, eta=0.9, start=0.0,
-                stop=0.25, size=(320, 300))
+    s = _scaffold(b, family, "RF-Inversion (rectified-flow models: SD3, Flux), then edit",
+                  "**EditKit RF-Inversion**: gamma pulls the inversion towards the photo, eta the edit towards the "
+                  "inverted path for the first quarter of the steps.",
+                  "28 steps, gamma 0.5, eta 0.9 from 0 to 0.25, edit CFG 2 (Rout et al. 2025). Flux: swap Load "
+                  "Checkpoint for Load Diffusion Model + DualCLIPLoader + Load VAE.")
+    inv = b.add("EditKitRFInversion", steps=28, scheduler="simple", gamma=0.5, seed=0, eta=0.9, start=0.0, stop=0.25)
     b.connect(s["ld"].out("model"), inv, "model")
     b.connect(s["latent"].out(0), inv, "latent")
     b.connect(s["neg"].out(0), inv, "positive")          # the paper inverts with an empty prompt
@@ -144,11 +140,11 @@ def rf_inversion():
 
 
 WORKFLOWS = {
-    "inversion_ddim.json": ddim,
-    "inversion_direct.json": direct,
-    "inversion_null_text.json": null_text,
-    "inversion_negative_prompt.json": negative_prompt,
-    "inversion_edict.json": edict,
-    "inversion_ddpm.json": ddpm,
-    "inversion_rf.json": rf_inversion,
+    "inversion_ddim": ("Inversion - DDIM", ddim),
+    "inversion_direct": ("Inversion - Direct Inversion", direct),
+    "inversion_null_text": ("Inversion - Null-text inversion", null_text),
+    "inversion_negative_prompt": ("Inversion - Negative-prompt inversion", negative_prompt),
+    "inversion_edict": ("Inversion - EDICT", edict),
+    "inversion_ddpm": ("Inversion - Edit-friendly DDPM", ddpm),
+    "inversion_rf": ("Inversion - RF-Inversion (SD3)", rf_inversion),
 }
