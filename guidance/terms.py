@@ -25,11 +25,7 @@ import comfy.samplers
 
 from ..core import denoiser
 from . import formulas as F, layers
-from .formulas import cfg_scale  # noqa: F401  (re-exported: terms.cfg_scale)
 from .protocol import COND, UNCOND, Momentum, Term, TermError
-
-__all__ = ["Term", "TermError", "CFGTerm", "RescaleTerm", "APGTerm", "DynamicThresholdTerm", "PerpNegTerm",
-           "PAGTerm", "SAGTerm", "CADSTerm", "AutoGuidanceTerm", "add_term", "describe"]
 
 
 def _resolve_layers(term, model):
