@@ -14,7 +14,7 @@ import comfy.samplers
 
 from ..core.patches import SharedPatch
 from .schedules import Schedule, step_info
-from .terms import cfg_scale
+from .formulas import cfg_scale
 
 
 def _weight(schedule: Schedule, args: dict) -> float:

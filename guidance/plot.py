@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .schedules import weights_over
-from .terms import cfg_scale
+from .formulas import cfg_scale
 
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]

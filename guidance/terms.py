@@ -1,9 +1,8 @@
-"""Guidance terms (immutable descriptions) and their formulas as plain tensor functions.
+"""Guidance terms: immutable descriptions, each taking part in the guider's phases through its hooks.
 
-A term list is a tuple of these objects; `EditKitGuidanceGuider` evaluates them. Every formula
-works on x0 ("denoised") predictions of shape (B, ...), per sample, for any latent rank.
-
-Composition order within one model call (each step weighted by its term's schedule):
+A term list is a tuple of these objects; `EditKitGuidanceGuider` evaluates them (the protocol is
+in `protocol.py`, the formulas in `formulas.py`). Within one model call, each step weighted by its
+term's schedule (the `order` of the terms gives this order inside a phase):
   1. CADS anneals the conditioning before the model runs;
   2. the model's own pre-CFG functions; then Perp-Neg and APG reshape the guidance direction;
   3. the CFG combination itself, through the model's sampler_cfg_function and post-CFG
@@ -16,165 +15,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from .schedules import CONSTANT_ONE, Schedule
+import comfy.model_patcher
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..core import denoiser
+from . import formulas as F, layers
+from .protocol import COND, UNCOND, Momentum, Term, TermError
 
 
-def _dims(t: torch.Tensor) -> tuple:
-    return tuple(range(1, t.ndim))
-
-
-def _bview(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    s = torch.as_tensor(s, dtype=like.dtype, device=like.device).flatten()
-    if s.numel() == 1:
-        s = s.expand(like.shape[0])
-    return s.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-# ---------------------------------------------------------------------------------------------
-# Formulas
-# ---------------------------------------------------------------------------------------------
-
-def cfg_scale(base_cfg: float, weight: float) -> float:
-    """Effective CFG scale for a schedule weight: the guidance above the conditional prediction scales."""
-    if weight == 1.0:
-        return base_cfg
-    return 1.0 + (base_cfg - 1.0) * weight
-
-
-def cond_for_scale(cond: torch.Tensor, uncond: torch.Tensor, scale: float, target: torch.Tensor) -> torch.Tensor:
-    """The conditional prediction that makes linear CFG at `scale` give `target`: u + (target - u) / scale."""
-    return uncond + (target - uncond) / scale
-
-
-def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Components of v parallel and orthogonal to `onto`, per sample."""
-    dims = _dims(v)
-    unit = torch.nn.functional.normalize(onto.double(), dim=dims)
-    par = (v.double() * unit).sum(dim=dims, keepdim=True) * unit
-    return par.to(v.dtype), (v.double() - par).to(v.dtype)
-
-
-def apg_direction(cond: torch.Tensor, uncond: torch.Tensor, eta: float, norm_threshold: float, momentum: float,
-                  running: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """APG (Sadat et al. 2024, Algorithm 1): the guidance direction replacing cond - uncond.
-
-    diff = cond - uncond; with momentum beta: running = beta * running + diff, diff = running;
-    diff *= min(1, r / ||diff||); diff = diff_orth + eta * diff_par (relative to cond).
-    The guided prediction is cond + (w - 1) * diff. Returns (direction, new running average).
-    """
-    diff = cond - uncond
-    new_running = running
-    if momentum != 0:
-        new_running = diff if running is None else momentum * running + diff
-        diff = new_running
-    if norm_threshold > 0:
-        norm = diff.pow(2).sum(dim=_dims(diff), keepdim=True).sqrt()
-        diff = diff * torch.minimum(torch.ones_like(norm), norm_threshold / norm.clamp_min(1e-12))
-    par, orth = project(diff, cond)
-    return orth + eta * par, new_running
-
-
-def perp_component(neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Perp-Neg (Armandpour et al. 2023): the part of `neg` orthogonal to `pos`, per sample."""
-    dims = _dims(pos)
-    coef = (neg * pos).sum(dim=dims, keepdim=True) / pos.pow(2).sum(dim=dims, keepdim=True).clamp_min(1e-12)
-    return neg - coef * pos
-
-
-def _v_space(x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, flow: bool) -> torch.Tensor:
-    s = _bview(sigma, x)
-    if flow:
-        return (x - x0) / s
-    return (x / (s * s + 1.0) - x0) * (s * s + 1.0) ** 0.5 / s
-
-
-def _from_v_space(x: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, flow: bool) -> torch.Tensor:
-    s = _bview(sigma, x)
-    if flow:
-        return x - v * s
-    return x / (s * s + 1.0) - v * s / (s * s + 1.0) ** 0.5
-
-
-def rescale(x: torch.Tensor, sigma, guided: torch.Tensor, cond: torch.Tensor, phi: float, flow: bool = False) -> torch.Tensor:
-    """Rescale CFG (Lin et al. 2024): match the guided prediction's std to the conditional one's.
-
-    Computed in v-prediction space for "ve" models, exactly as ComfyUI's RescaleCFG, and in
-    velocity space for flow models: v_final = phi * v_g * std(v_c) / std(v_g) + (1 - phi) * v_g.
-    """
-    if phi == 0:
-        return guided
-    vg = _v_space(x, sigma, guided, flow)
-    vc = _v_space(x, sigma, cond, flow)
-    ro_pos = torch.std(vc, dim=_dims(vc), keepdim=True)
-    ro_cfg = torch.std(vg, dim=_dims(vg), keepdim=True)
-    v_final = phi * (vg * (ro_pos / ro_cfg)) + (1.0 - phi) * vg
-    return _from_v_space(x, sigma, v_final, flow)
-
-
-def dynamic_threshold(guided: torch.Tensor, mimic: torch.Tensor, percentile: float) -> torch.Tensor:
-    """Dynamic thresholding (Saharia et al. 2022, latent form of sd-dynamic-thresholding).
-
-    Per sample and channel: centre the guided prediction, take its `percentile` absolute value s,
-    clamp to [-s', s'] with s' = max(s, M) and rescale to M, where M is the largest absolute
-    centred value of the `mimic` prediction (CFG at a low "mimic" scale); then un-centre.
-    """
-    b, c = guided.shape[:2]
-    g = guided.reshape(b, c, -1).float()
-    mm = mimic.reshape(b, c, -1).float()
-    mean = g.mean(-1, keepdim=True)
-    centred = g - mean
-    mim_max = (mm - mm.mean(-1, keepdim=True)).abs().max(-1, keepdim=True).values
-    s = torch.quantile(centred.abs(), percentile, dim=-1, keepdim=True)
-    s = torch.maximum(s, mim_max).clamp_min(1e-12)
-    out = torch.maximum(torch.minimum(centred, s), -s) / s * mim_max + mean
-    return out.reshape(guided.shape).to(guided.dtype)
-
-
-def cads_gamma(t: float, tau1: float, tau2: float) -> float:
-    """CADS annealing (Sadat et al. 2024) at diffusion time t (1 = noise): 1 for t <= tau1, 0 for t >= tau2, linear between."""
-    if t <= tau1:
-        return 1.0
-    if t >= tau2:
-        return 0.0
-    return (tau2 - t) / (tau2 - tau1)
-
-
-def cads_anneal(y: torch.Tensor, gamma: float, noise_scale: float, psi: float, noise: torch.Tensor) -> torch.Tensor:
-    """y_hat = sqrt(g) y + s sqrt(1 - g) n, rescaled to y's per-sample mean/std, mixed by psi."""
-    if gamma >= 1.0 or noise_scale == 0:
-        return y
-    yf = y.float()
-    yh = math.sqrt(gamma) * yf + noise_scale * math.sqrt(1.0 - gamma) * noise.float()
-    if psi > 0:
-        dims = _dims(yf)
-        y_mean, y_std = yf.mean(dim=dims, keepdim=True), yf.std(dim=dims, keepdim=True)
-        h_mean, h_std = yh.mean(dim=dims, keepdim=True), yh.std(dim=dims, keepdim=True)
-        rescaled = (yh - h_mean) / h_std.clamp_min(1e-12) * y_std + y_mean
-        yh = psi * rescaled + (1.0 - psi) * yh
-    return yh.to(y.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Terms
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class Term:
-    schedule: Schedule = CONSTANT_ONE
-    kind = "term"
-    title = "term"
-    unique = False          # at most one such term per guider
-
-    def label(self) -> str:
-        return self.title
-
-    def strength(self) -> float:
-        """The term's own scale, times which the schedule weight gives the plotted effective scale."""
-        return 1.0
+def _resolve_layers(term, model):
+    try:
+        return layers.resolve(model, term.layers)
+    except ValueError as e:
+        raise TermError(f"{term.title} layers '{term.layers}': {e}", "fix 'layers' on that term node") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,66 +42,8 @@ class CFGTerm(Term):
     def label(self) -> str:
         return "CFG scale"
 
-
-@dataclass(frozen=True, eq=False)
-class RescaleTerm(Term):
-    phi: float = 0.7
-    kind, title = "rescale", "rescale phi"
-
-    def strength(self) -> float:
-        return self.phi
-
-
-@dataclass(frozen=True, eq=False)
-class APGTerm(Term):
-    eta: float = 0.0
-    norm_threshold: float = 15.0
-    momentum: float = -0.5
-    kind, title, unique = "apg", "APG", True
-
-
-@dataclass(frozen=True, eq=False)
-class DynamicThresholdTerm(Term):
-    percentile: float = 0.995
-    mimic_scale: float = 7.0
-    kind, title = "dynthresh", "dynamic threshold"
-
-
-@dataclass(frozen=True, eq=False)
-class PerpNegTerm(Term):
-    empty: Any = None                 # CONDITIONING of the empty prompt
-    neg_scale: float = 1.0
-    kind, title, unique = "perpneg", "Perp-Neg", True
-
-    def strength(self) -> float:
-        return self.neg_scale
-
-
-@dataclass(frozen=True, eq=False)
-class PAGTerm(Term):
-    scale: float = 3.0
-    layers: str = "auto"
-    kind, title = "pag", "PAG"
-
-    def strength(self) -> float:
-        return self.scale
-
-    def label(self) -> str:
-        return f"PAG ({self.layers})"
-
-
-@dataclass(frozen=True, eq=False)
-class SAGTerm(Term):
-    scale: float = 0.5
-    blur_sigma: float = 2.0
-    layers: str = "auto"
-    kind, title = "sag", "SAG"
-
-    def strength(self) -> float:
-        return self.scale
-
-    def label(self) -> str:
-        return f"SAG ({self.layers})"
+    def cfg_factor(self, weight: float) -> float:
+        return weight
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,20 +54,217 @@ class CADSTerm(Term):
     psi: float = 1.0
     noise_negative: bool = False
     seed: int = 0
-    kind, title, unique = "cads", "CADS noise", True
+    kind, title, unique, order = "cads", "CADS noise", True, 10
 
     def strength(self) -> float:
         return self.noise_scale
+
+    def anneal(self, call, i, weight):
+        gamma = F.cads_gamma(1.0 - call.info.progress, self.tau1, self.tau2)
+        step = int(round(call.step * 100)) if call.step is not None else 0
+        base_seed = (int(call.seed or 0) * 1000003 + self.seed * 7919 + step) % (2 ** 63)
+
+        def anneal(y, j):
+            g = torch.Generator().manual_seed(base_seed + 31 * j)
+            n = torch.randn(y.shape, generator=g, dtype=torch.float32).to(y.device)
+            return F.cads_anneal(y, gamma, self.noise_scale * weight, self.psi, n)
+        call.pos = _anneal_conds(call.pos, anneal)
+        if self.noise_negative and call.neg is not None:
+            call.neg = _anneal_conds(call.neg, lambda y, j: anneal(y, j + 1000))
+
+
+def _anneal_conds(conds, fn):
+    """The conds with fn(cross-attention context, cond index) in place of each context."""
+    out = []
+    for j, c in enumerate(conds or []):
+        mc = c.get("model_conds", {})
+        if "c_crossattn" in mc:
+            c = c.copy()
+            mc = mc.copy()
+            mc["c_crossattn"] = mc["c_crossattn"]._copy_with(fn(mc["c_crossattn"].cond, j))
+            c["model_conds"] = mc
+        out.append(c)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class PerpNegTerm(Term):
+    empty: Any = None                 # CONDITIONING of the empty prompt
+    neg_scale: float = 1.0
+    kind, title, unique, order, needs_uncond = "perpneg", "Perp-Neg", True, 20, True
+    CONDS = "empty_negative_prompt"
+
+    def strength(self) -> float:
+        return self.neg_scale
+
+    def extra_conds(self) -> dict:
+        import node_helpers
+        return {self.CONDS: node_helpers.conditioning_set_values(self.empty, {"prompt_type": "negative"})}
+
+    def plan(self, call, i, weight):
+        call.add_branch("empty", call.named_conds(self.CONDS))
+
+    def direction(self, call, i, weight):
+        c, u, e = call.cond, call.uncond, call.prediction("empty")
+        call.base, call.base_cond = e, call.named_conds(self.CONDS)
+        call.cond_mod = c - (weight * self.neg_scale) * F.perp_component(u - e, c - e)
+
+
+@dataclass(frozen=True, eq=False)
+class APGTerm(Term):
+    eta: float = 0.0
+    norm_threshold: float = 15.0
+    momentum: float = -0.5
+    kind, title, unique, order = "apg", "APG", True, 30
+
+    def start(self, guider, run, i):
+        return Momentum(run)   # the running average of Algorithm 1, per run
+
+    def direction(self, call, i, weight):
+        w = call.cfg
+        if not call.need_uncond or math.isclose(w, 1.0) or w == 0:
+            return
+        c_mod, base, running = call.cond_mod, call.base, call.state(i)
+        delta = c_mod - base
+        direction, new = F.apg_direction(c_mod, base, self.eta, self.norm_threshold, self.momentum, running.get())
+        running.set(new)
+        if weight != 1.0:
+            direction = delta + weight * (direction - delta)
+        call.cond_mod = F.cond_for_scale(c_mod, base, w, c_mod + (w - 1.0) * direction)
+
+
+@dataclass(frozen=True, eq=False)
+class RescaleTerm(Term):
+    phi: float = 0.7
+    kind, title, order = "rescale", "rescale phi", 40
+
+    def strength(self) -> float:
+        return self.phi
+
+    def post_cfg(self, call, i, weight, guided):
+        return F.rescale(call.x, call.sigma, guided, call.cond, self.phi * weight, call.flow)
+
+
+@dataclass(frozen=True, eq=False)
+class PAGTerm(Term):
+    scale: float = 3.0
+    layers: str = "auto"
+    kind, title, order = "pag", "PAG", 50
+
+    def strength(self) -> float:
+        return self.scale
+
+    def label(self) -> str:
+        return f"PAG ({self.layers})"
+
+    def resolve(self, model):
+        return _resolve_layers(self, model)
+
+    def plan(self, call, i, weight):
+        # the cond chunk again, with identity self-attention at the chosen layers
+        b = call.add_branch(f"pag{i}", call.pos)
+        for site in call.resolved(i, ()):
+            call.perturb(site, b, layers.Perturb.IDENTITY)
+
+    def post_cfg(self, call, i, weight, guided):
+        return guided + (self.scale * weight) * (call.cond - call.prediction(f"pag{i}"))
+
+
+@dataclass(frozen=True, eq=False)
+class SAGTerm(Term):
+    scale: float = 0.5
+    blur_sigma: float = 2.0
+    layers: str = "auto"
+    kind, title, order = "sag", "SAG", 60
+
+    def strength(self) -> float:
+        return self.scale
+
+    def label(self) -> str:
+        return f"SAG ({self.layers})"
+
+    def resolve(self, model):
+        return _resolve_layers(self, model)
+
+    @staticmethod
+    def _source(call) -> int:
+        return UNCOND if call.need_uncond else COND
+
+    def plan(self, call, i, weight):
+        # record the self-attention of the branch SAG degrades (uncond, or cond when uncond is skipped)
+        for site in call.resolved(i, ()):
+            call.perturb(site, self._source(call), layers.Perturb.RECORD, replace=False)
+
+    def post_cfg(self, call, i, weight, guided):
+        b, x, lp = self._source(call), call.x, call.layer_plan
+        src, src_cond = (call.uncond, call.neg) if b == UNCOND else (call.cond, call.pos)
+        maps = [lp.maps[(s, b)] for s in call.resolved(i, ()) if lp and (s, b) in lp.maps]
+        if not maps or min(x.shape[-2:]) <= 4:
+            return guided
+        mask = F.sag_mask(maps, tuple(x.shape[-2:])).to(src.dtype)
+        degraded = F.gaussian_blur(src, self.blur_sigma) * mask + src * (1 - mask)
+        if call.flow:
+            ms = call.model.model_sampling
+            noised = denoiser.add_noise(ms, degraded, denoiser.to_eps(ms, x, src, call.sigma), call.sigma)
+        else:
+            noised = degraded + x - src
+        (sag_pred,) = call.extra_call(call.model, [src_cond], noised)
+        return guided + (self.scale * weight) * (degraded - sag_pred)
 
 
 @dataclass(frozen=True, eq=False)
 class AutoGuidanceTerm(Term):
     weak_model: Any = None            # a ModelPatcher
     scale: float = 1.0
-    kind, title = "autoguidance", "AutoGuidance"
+    kind, title, order = "autoguidance", "AutoGuidance", 70
 
     def strength(self) -> float:
         return self.scale
+
+    def resolve(self, model):
+        weak = self.weak_model
+        if weak.model is model.model:
+            raise TermError("the AutoGuidance weak model is the same network as the model",
+                            "load a separate, weaker checkpoint of the same family")
+        ch = lambda m: m.model.latent_format.latent_channels  # noqa: E731
+        if ch(weak) != ch(model):
+            raise TermError(f"the AutoGuidance weak model has {ch(weak)} latent channels, the model {ch(model)}",
+                            "use a weak model of the same family")
+        return None
+
+    def additional_models(self) -> dict:
+        return {"editkit.autoguidance": [self.weak_model]}
+
+    def start(self, guider, run, i):
+        """The weak model prepared for this run as CFGGuider prepares the main one: (patcher, conds, options)."""
+        weak = self.weak_model
+        li = run.latent_image
+        if li is not None and torch.count_nonzero(li) > 0:
+            li = weak.model.process_latent_in(li)
+        conds = {"positive": [c.copy() for c in guider.original_conds["positive"]]}
+        conds = comfy.samplers.process_conds(weak.model, run.noise, conds, run.device, li, run.denoise_mask, run.seed)
+        mo = comfy.model_patcher.create_model_options_clone(weak.model_options)
+        comfy.sampler_helpers.prepare_model_patcher(weak, conds, mo)
+        mo.setdefault("transformer_options", {})["sample_sigmas"] = run.sigmas
+        weak.pre_run()
+        return weak, conds["positive"], mo
+
+    def post_cfg(self, call, i, weight, guided):
+        weak, conds, mo = call.state(i)
+        (weak_pred,) = call.extra_call(weak.model, [conds], call.x, mo)
+        return guided + (self.scale * weight) * (call.cond - weak_pred)
+
+
+@dataclass(frozen=True, eq=False)
+class DynamicThresholdTerm(Term):
+    percentile: float = 0.995
+    mimic_scale: float = 7.0
+    kind, title, order = "dynthresh", "dynamic threshold", 80
+
+    def threshold(self, call, i, weight, guided):
+        mimic = call.base + self.mimic_scale * (call.cond - call.base)
+        thr = F.dynamic_threshold(guided, mimic, self.percentile)
+        return thr if weight == 1.0 else guided + weight * (thr - guided)
 
 
 def add_term(previous, term: Term) -> tuple:

@@ -6,7 +6,7 @@ from . import feedback
 from .api import io
 
 from ..core.errors import EditKitInputError, require
-from ..guidance import cfgpp, layers, plot, schedules as S, terms as T
+from ..guidance import cfgpp, plot, schedules as S, terms as T
 from ..guidance.guider import GuidanceGuider
 from ..guidance.model_patch import install_cfg_schedule
 
@@ -270,28 +270,19 @@ class TermAutoGuidance(io.ComfyNode):
 
 
 def resolve_sites(model, guidance_terms, node: str, input_name: str = "terms") -> dict:
-    """Check a term list against the model; returns {term index: chosen layers} for PAG/SAG terms."""
+    """Check a term list against the model; returns {term index: what its resolve() gave} (PAG/SAG: layers)."""
     sites = {}
-    seen = {}
+    seen = set()
     for i, t in enumerate(guidance_terms):
         if t.unique and t.kind in seen:
             raise EditKitInputError(node, input_name, f"two {t.title} terms in the list", f"keep one {t.title} term")
-        seen[t.kind] = i
-        if t.kind in ("pag", "sag"):
-            try:
-                sites[i] = layers.resolve(model, t.layers)
-            except ValueError as e:
-                raise EditKitInputError(node, input_name, f"{t.title} layers '{t.layers}': {e}",
-                                        "fix 'layers' on that term node") from None
-        if t.kind == "autoguidance":
-            weak = t.weak_model
-            if weak.model is model.model:
-                raise EditKitInputError(node, input_name, "the AutoGuidance weak model is the same network as the model",
-                                        "load a separate, weaker checkpoint of the same family")
-            ch = lambda m: m.model.latent_format.latent_channels  # noqa: E731
-            if ch(weak) != ch(model):
-                raise EditKitInputError(node, input_name, f"the AutoGuidance weak model has {ch(weak)} latent channels, "
-                                        f"the model {ch(model)}", "use a weak model of the same family")
+        seen.add(t.kind)
+        try:
+            bound = t.resolve(model)
+        except T.TermError as e:
+            raise EditKitInputError(node, input_name, e.problem, e.fix) from None
+        if bound is not None:
+            sites[i] = bound
     return sites
 
 

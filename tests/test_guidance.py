@@ -552,3 +552,94 @@ def test_pag_auto_on_sd15_layout(sd15_full):
     assert torch.isfinite(out).all()
     skipped = {key for key, cou, _ in seen if 2 not in cou}
     assert skipped == {("middle", 0, 0)} and len(seen) == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Term protocol and per-run state
+# ---------------------------------------------------------------------------------------------
+
+def test_per_run_state_does_not_leak_between_runs(tiny_eps, prompts):
+    """APG momentum and the AutoGuidance weak model's prepared conds live in one Run per sample: the same
+    guider run again, after an interrupted run, or next to a guider on a clone gives the fresh guider's result."""
+    from editkit.builtin_models import tiny
+    pos, neg = prompts
+    weak = tiny.tiny_unet(tiny.EPS, seed=5)
+    terms = [T.APGTerm(eta=0.2, norm_threshold=0.05, momentum=0.6), T.AutoGuidanceTerm(weak_model=weak, scale=0.5)]
+    fresh = run(ek_guider(tiny_eps, pos, neg, terms))
+    no_momentum = run(ek_guider(tiny_eps, pos, neg, [T.APGTerm(eta=0.2, norm_threshold=0.05, momentum=0.0), terms[1]]))
+    assert not torch.allclose(fresh, no_momentum, atol=1e-4)        # the momentum buffer really carries over steps
+    g = ek_guider(tiny_eps, pos, neg, terms)
+    assert torch.equal(run(g), fresh) and torch.equal(run(g), fresh)
+    assert len(g.stats) == STEPS and all(s["extra_calls"] == 1 for s in g.stats)
+
+    def interrupt(i, denoised, x, total):
+        if i == 2:
+            raise InterruptedError
+
+    with pytest.raises(InterruptedError):
+        run(g, callback=interrupt)
+    other = ek_guider(tiny_eps.clone(), pos, neg, terms)
+    assert torch.equal(run(other), fresh) and torch.equal(run(g), fresh)
+    assert g._run is None and len(g.stats) == STEPS               # nothing stays attached between runs
+
+
+def test_momentum_resets_when_the_run_restarts():
+    from editkit.guidance.protocol import Momentum, Run
+    r = Run(None, None, "cpu", None, None, 0)
+    m = Momentum(r)
+    r.observe(10.0)
+    m.set(torch.ones(1))
+    r.observe(5.0)
+    assert torch.equal(m.get(), torch.ones(1)) and r.segment == 0
+    r.observe(8.0)                                                   # a higher sigma: a restart
+    assert m.get() is None and r.segment == 1 and r.calls == 3
+
+
+def test_a_new_term_plugs_in_through_the_protocol(tiny_eps, prompts, encode):
+    """A term written only against protocol.Term (an extra prompt prepared with the run's conds, its branch in
+    the ONE batched call, per-run state, a post-CFG step): the guider runs it without any change, skips its
+    branch where its schedule weight is 0, and the result is the formula on the recorded predictions."""
+    from dataclasses import dataclass
+    from typing import Any
+    from editkit.guidance.protocol import Term
+    created = []
+
+    @dataclass(frozen=True, eq=False)
+    class AwayFrom(Term):
+        other: Any = None
+        scale: float = 1.0
+        kind, title, needs_uncond = "test_away", "away from", True
+
+        def extra_conds(self):
+            return {"test_away": self.other}
+
+        def start(self, guider, run, i):
+            created.append({"calls": 0})
+            return created[-1]
+
+        def plan(self, call, i, w):
+            call.add_branch("away", call.named_conds("test_away"))
+
+        def post_cfg(self, call, i, w, guided):
+            call.state(i)["calls"] += 1
+            return guided + (self.scale * w) * (call.cond - call.prediction("away"))
+
+    pos, neg = prompts
+    w, scale = 4.0, 0.7
+    early = S.Schedule(S.EARLY, end_percent=0.5)
+    m, calls = counting(tiny_eps)
+    m, rec = recording(m)
+    seen, cb = denoised_trace()
+    g = ek_guider(m, pos, neg, [AwayFrom(early, other=encode("a blue square"), scale=scale)], w)
+    run(g, callback=cb)
+    on = [s["progress"] < 0.5 for s in g.stats]
+    assert 0 < sum(on) < STEPS
+    assert [len(c) for c in calls] == [3 if a else 2 for a in on]           # one batched call per step
+    assert [s["branches"] for s in g.stats] == [["cond", "uncond", "away"] if a else ["cond", "uncond"] for a in on]
+    for (x, sigma, outs), got, a in zip(rec, seen, on):
+        c, u = outs[0], outs[1]
+        expected = u + w * (c - u) + (scale * (c - outs[2]) if a else 0)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (rec[0][2][0] - rec[0][2][2]).abs().mean() > 1e-3                # the extra prompt really differs
+    run(g)
+    assert [s["calls"] for s in created] == [sum(on)] * 2                   # a fresh state per run
