@@ -128,13 +128,37 @@ def edit_cases(per_split: int = 48, seed0: int = 50_000, n_objects: int = 1) -> 
     return cases
 
 
+DRAG_LONG = 22.0   # px: drags up to this are "drag short", longer ones "drag long"
+
+
 @dataclass(frozen=True)
 class DragCase:
+    """A drag of object `index` from its place in `source` to its place in `target`; same runner contract
+    as EditCase (run_row runs either), scored by scoring.score_drag."""
     name: str
     source: world.Scene
     target: world.Scene      # object `index` moved
     seed: int
     index: int = 0
+
+    @property
+    def split(self) -> str:
+        """"drag short" up to DRAG_LONG px, "drag long" beyond."""
+        (x0, y0), (x1, y1) = self.handle, self.goal
+        return "drag long" if math.hypot(x1 - x0, y1 - y0) > DRAG_LONG else "drag short"
+
+    @property
+    def source_prompt(self) -> str:
+        return self.source.caption
+
+    @property
+    def target_prompt(self) -> str:
+        """The caption after the drag (objects are named left to right, so a drag past the other object
+        swaps their order)."""
+        return self.target.caption
+
+    def source_image(self) -> torch.Tensor:
+        return torch.from_numpy(self.source.render())
 
     @property
     def handle(self) -> tuple[float, float]:
@@ -351,8 +375,10 @@ def _split_result(out):
     return out, None
 
 
-def run_row(ctx: EditContext, row: Row, cases: list[EditCase], n_recon: int = 24, progress=None) -> dict:
-    """Run one row over the cases (grouped by source); returns {"records", "recon", "cold_seconds", ...}."""
+def run_row(ctx: EditContext, row: Row, cases: list, n_recon: int = 24, progress=None) -> dict:
+    """Run one row over the cases (EditCase or DragCase, grouped by source). Returns {"records": one
+    flat dict per case (its score's record + case, split, seed, recon_psnr), "recon": PSNR per
+    reconstructed source, "seconds": wall time of each call that did its source's work, "wall"}."""
     tech, s = row.technique, row.settings
     records, recon, cold, warm = [], {}, [], []
     sources_seen: list[int] = []
@@ -376,7 +402,7 @@ def run_row(ctx: EditContext, row: Row, cases: list[EditCase], n_recon: int = 24
                 recon[case.seed] = scoring.psnr(rec, src_img)
         sc = case.score(edited)
         records.append({"case": case.name, "split": case.split, "seed": case.seed, **sc.record(),
-                        "recon_psnr": scoring._round(recon.get(case.seed, float("nan")))})
+                        "recon_psnr": scoring.json_number(recon.get(case.seed, float("nan")))})
         if progress:
             progress(n + 1, len(cases))
     # Runners that cache nothing do all their work in every call: all calls are "from scratch".
@@ -400,22 +426,33 @@ MAIN_COLUMNS = ["technique", "settings", "edit success", "colour near", "colour 
                 "position-free reading", "recon PSNR (dB)", "preserve PSNR (dB)", "time vs plain"]
 
 
-def summarize(row: Row, result: dict, plain_seconds: float) -> dict:
-    """A row's cells (strings) and rates (records) from run_row's result."""
+EDIT_GROUPS = {"shape swaps": lambda split: split.startswith("shape ")}
+
+
+def summarize(row: Row, result: dict, plain_seconds: float, success: str = "edit success",
+              groups: dict | None = None) -> dict:
+    """A row's cells (strings) and rates (records) from run_row's result, for any case type whose records
+    carry "success" and "split": the overall rate (named `success`), one rate per split, one per group of
+    splits (default: all shape swaps), the position-free reading where records have it, and the means of
+    recon PSNR, preserve PSNR and centroid error. A table picks its columns from the cells."""
     recs = result["records"]
+    groups = EDIT_GROUPS if groups is None else groups
     by_split = scoring.tally(recs, key=lambda r: r["split"])
-    shapes = [r for r in recs if r["split"].startswith("shape ")]
-    rates = {"edit success": scoring.rate(r["success"] for r in recs),
-             **{k: by_split.get(k, scoring.Rate(0, 0)) for k in COLOUR_SPLITS},
-             "shape swaps": scoring.rate(r["success"] for r in shapes),
-             **{k: v for k, v in sorted(by_split.items()) if k.startswith("shape ")},
-             "position-free reading": scoring.rate(r["position_free"] for r in recs)}
-    preserve = [r["preserve_psnr"] if r["preserve_psnr"] is not None else float("nan") for r in recs]
+    rates = {success: scoring.rate(r["success"] for r in recs)}
+    rates.update({k: by_split.get(k, scoring.Rate(0, 0)) for k in COLOUR_SPLITS if success == "edit success"})
+    rates.update({k: scoring.rate(r["success"] for r in recs if pick(r["split"])) for k, pick in groups.items()})
+    rates.update({k: v for k, v in sorted(by_split.items()) if k not in rates})
+    if recs and "position_free" in recs[0]:
+        rates["position-free reading"] = scoring.rate(r["position_free"] for r in recs)
+
+    def mean_of(field):
+        return _mean([r[field] if r.get(field) is not None else float("nan") for r in recs])
     secs = result["seconds"]
     cells = {"technique": row.technique.name, "settings": f"{row.which}: {row.label}".rstrip(": "),
              **{k: str(v) for k, v in rates.items()},
              "recon PSNR (dB)": _fmt(_mean(result["recon"])),
-             "preserve PSNR (dB)": _fmt(_mean(preserve)),
+             "preserve PSNR (dB)": _fmt(mean_of("preserve_psnr")),
+             "centroid error (px)": _fmt(mean_of("centroid_error"), 1),
              "time vs plain": _fmt(statistics.median(secs) / plain_seconds) if secs else "n/a"}
     return {"key": row.key, "technique": row.technique.name, "which": row.which, "settings": row.settings,
             "label": row.label,

@@ -310,10 +310,11 @@ class EditScore:
 
     def record(self) -> dict:
         return {"success": self.ok, "position_free": self.position_free, "why": self.why, **self.edited.record(),
-                "others_ok": self.others_ok, "preserve_psnr": _round(self.preserve_psnr)}
+                "others_ok": self.others_ok, "preserve_psnr": json_number(self.preserve_psnr)}
 
 
-def _round(x: float, digits: int = 3):
+def json_number(x: float, digits: int = 3):
+    """A float for a results file: rounded, None for NaN, inf kept."""
     return None if x != x else (x if math.isinf(x) else round(float(x), digits))
 
 
@@ -380,8 +381,8 @@ class DragScore:
     def record(self) -> dict:
         d = self.dragged
         return {"success": self.ok, "why": self.why, "read": f"{d.color} {d.shape}" if d else None,
-                "centroid_error": _round(self.centroid_error, 2), "others_ok": self.others_ok,
-                "preserve_psnr": _round(self.preserve_psnr)}
+                "centroid_error": json_number(self.centroid_error, 2), "others_ok": self.others_ok,
+                "preserve_psnr": json_number(self.preserve_psnr)}
 
 
 def score_drag(edited, source: Scene, target: Scene, index: int = 0, tolerance: float | None = None,

@@ -61,7 +61,7 @@ def read_setting(s: Setting, workflows_dir: str | None = None):
              and (s.title is None or (n.get("_meta") or {}).get("title") == s.title)]
     where = f"workflows/{s.workflow}"
     if not found:
-        what = f"a {s.node_type} node" + (f" titled {s.title!r}" if s.title else "")
+        what = f"{s.node_type} node" + (f" titled {s.title!r}" if s.title else "")
         raise ShippedSettingError(f"{where} has no {what}; the benchmark reads {s.node_type}.{s.input} there "
                                   f"(update the Setting table in bench/quality.py)")
     values = []
