@@ -28,6 +28,7 @@ To add a technique, register a runner below (see toyworld/editbench.py for the c
 import argparse
 import csv
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -209,8 +210,8 @@ for _order, (_kind, _control, _label) in enumerate((
     _nodes = (INVERT_NODE[_kind], "EditKitInversionSampler") + (("EditKitDirectInversion",) if _kind == "direct" else ()) \
         + (("EditKitPromptToPrompt",) if _control else ())
     register(_label, order=20 + _order, available=_has(*_nodes),
-             reference=(lambda k, c: lambda ctx: [reference_settings(ctx, k, c)])(_kind, _control),
-             shipped=(lambda t: lambda: shipped.read_settings(t))(_table),
+             reference=functools.partial(lambda ctx, k, c: [reference_settings(ctx, k, c)], k=_kind, c=_control),
+             shipped=functools.partial(shipped.read_settings, _table),
              shipped_from=shipped.sources(_table))(inversion_edit(_kind, _control))
 
 
@@ -402,10 +403,10 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 last = [t0]
 
-                def progress(i, n, _row=row, _last=last):
+                def progress(i, n, _row=row, _last=last, _t0=t0):
                     if time.perf_counter() - _last[0] > 60 or i == n:
                         _last[0] = time.perf_counter()
-                        print(f"  {_row.key}: {i}/{n} ({(_last[0] - t0) / 60:.1f} min)", flush=True)
+                        print(f"  {_row.key}: {i}/{n} ({(_last[0] - _t0) / 60:.1f} min)", flush=True)
                 result = editbench.run_row(ctx, row, cases, n_recon=a.recon, progress=progress)
                 s = editbench.summarize(row, result, plain)
                 s["shipped_from"] = list(tech.shipped_from) if row.which != "reference" else []

@@ -125,7 +125,7 @@ def test_a_row_traces_to_its_cases(quality, tmp_path, monkeypatch):
     tech = editbench.Technique("stand-in", memo_runner)
     row = editbench.Row(tech, {"steps": 3}, "reference", ("steps",))
     result = editbench.run_row(ctx, row, cases, n_recon=2)
-    assert calls == sorted(set(c.seed for c in cases), key=[c.seed for c in cases].index)   # one miss per source
+    assert calls == sorted({c.seed for c in cases}, key=[c.seed for c in cases].index)   # one miss per source
     assert len(result["seconds"]) == len(calls) and len(result["recon"]) == 2
     s = editbench.summarize(row, result, plain_seconds=1.0)
     assert s["cells"]["edit success"] == str(scoring.Rate(len(cases), len(cases)))

@@ -208,3 +208,13 @@ def test_vocabulary_extends_without_changing_the_base():
     for s in range(30):
         base = world.sample_scene(s)
         assert scoring.score_scene(base.render(), base, vocab).ok
+
+
+def test_prompt_score_on_a_cluttered_picture():
+    """More than six objects read: pairing falls back to greedy and still finds the asked ones."""
+    objs = tuple(world.ToyObject("square", c, 4 + 30 * (i % 4), 4 + 40 * (i // 4), 22)
+                 for i, c in enumerate(["red", "blue", "green", "black", "orange", "purple", "yellow"]))
+    sc = world.Scene("white", objs)
+    s = scoring.score_prompt(sc.render(), world.caption_for("white", [("green", "square"), ("purple", "square")]),
+                             regions=[objs[2].box, objs[5].box])
+    assert [f.color for f in s.found] == ["green", "purple"] and all(s.in_region) and not s.count_ok and not s.ok

@@ -412,12 +412,12 @@ def run_row(ctx: EditContext, row: Row, cases: list, n_recon: int = 24, progress
 
 
 def _mean(xs) -> float:
-    xs = [x for x in xs if x == x]
+    xs = [x for x in xs if not math.isnan(x)]
     return statistics.mean(xs) if xs else float("nan")
 
 
 def _fmt(x: float, digits: int = 2) -> str:
-    if x != x:
+    if math.isnan(x):
         return "n/a"
     return "∞" if math.isinf(x) else f"{x:.{digits}f}"
 

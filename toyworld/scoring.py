@@ -315,7 +315,7 @@ class EditScore:
 
 def json_number(x: float, digits: int = 3):
     """A float for a results file: rounded, None for NaN, inf kept."""
-    return None if x != x else (x if math.isinf(x) else round(float(x), digits))
+    return None if math.isnan(x) else (x if math.isinf(x) else round(float(x), digits))
 
 
 def score_edit(edited, source: Scene, target: Scene, index: int = 0, source_image=None) -> EditScore:
@@ -485,19 +485,20 @@ def score_prompt(image, prompt: str | CaptionSpec | Scene, regions=None, vocab: 
         return (4 * (d.color == c) + 2 * (d.shape == s) + (regions[i] is not None and _in_region(d, regions[i])),
                 d.area)
 
-    best, best_key = [None] * len(objs), None
-    slots = list(range(len(det))) + [None] * len(objs)
-    for perm in itertools.permutations(slots, len(objs)) if len(det) <= 6 else [()]:
-        if len(set(p for p in perm if p is not None)) != sum(p is not None for p in perm):
-            continue
-        key = tuple(map(sum, zip(*[merit(i, det[p]) if p is not None else (0, 0) for i, p in enumerate(perm)])))
-        if best_key is None or key > best_key:
-            best_key, best = key, [det[p] if p is not None else None for p in perm]
-    if len(det) > 6:   # a noisy picture: greedy in prompt order
+    best: list = [None] * len(objs)
+    if len(det) <= 6:   # the best one-to-one pairing (a prompt has few objects)
+        best_key = None
+        for perm in itertools.permutations(list(range(len(det))) + [None] * len(objs), len(objs)):
+            if len({p for p in perm if p is not None}) != sum(p is not None for p in perm):
+                continue
+            key = tuple(map(sum, zip(*[merit(i, det[p]) if p is not None else (0, 0) for i, p in enumerate(perm)])))
+            if best_key is None or key > best_key:
+                best_key, best = key, [det[p] if p is not None else None for p in perm]
+    else:               # a noisy picture: greedy in prompt order
         free = list(det)
         for i in range(len(objs)):
             if free:
-                best[i] = max(free, key=lambda d: merit(i, d))
+                best[i] = max(free, key=lambda d, i=i: merit(i, d))
                 free.remove(best[i])
     color_ok = [f is not None and f.color == c for f, (c, _s) in zip(best, objs)]
     shape_ok = [f is not None and f.shape == s for f, (_c, s) in zip(best, objs)]
