@@ -223,13 +223,17 @@ def slug(text: str) -> str:
 
 
 CSV_FIELDS = ["case", "split", "seed", "success", "position_free", "why", "read", "iou", "centroid_error",
-              "others_ok", "preserve_psnr", "recon_psnr"]
+              "footprint", "others_ok", "preserve_psnr", "recon_psnr"]
+
+
+def cases_name(summary: dict) -> str:
+    digest = hashlib.sha1(json.dumps(summary["settings"], sort_keys=True).encode()).hexdigest()[:8]
+    return slug(f"{summary['technique']} {summary['which']}")[:80] + f"-{digest}"
 
 
 def write_cases(summary: dict, records: list[dict]) -> str:
     os.makedirs(os.path.join(RESULTS, "cases"), exist_ok=True)
-    digest = hashlib.sha1(json.dumps(summary["settings"], sort_keys=True).encode()).hexdigest()[:8]
-    name = slug(f"{summary['technique']} {summary['which']}")[:80] + f"-{digest}.csv"
+    name = cases_name(summary) + ".csv"
     with open(os.path.join(RESULTS, "cases", name), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
@@ -319,6 +323,53 @@ def write_readme(data: dict, path: str = README) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+def image_saver(folder: str | None, summary_name: str):
+    """on_image callback writing each scored result as an 8-bit PNG (lossless: rescoring gives the same)."""
+    if not folder:
+        return None
+    from PIL import Image
+    out = os.path.join(folder, summary_name)
+    os.makedirs(out, exist_ok=True)
+
+    def save(i, image):
+        Image.fromarray((image * 255.0).round().astype("uint8")).save(os.path.join(out, f"{i:04d}.png"))
+    return save
+
+
+def rescore(images: str) -> None:
+    """Score the saved images of every row again (after a scorer change) without sampling: records,
+    rates and cells are rebuilt; reconstruction PSNR and time are kept from the run."""
+    import numpy as np
+    from PIL import Image
+    data = load_summary()
+    if data is None:
+        raise SystemExit("no bench/results/quality/summary.json to rescore")
+    cases = editbench.edit_cases(per_split=data["settings"]["per_split"])
+    for r in data["rows"]:
+        folder = os.path.join(images, os.path.basename(r["cases_file"])[:-4])
+        if not os.path.isdir(folder) or len(os.listdir(folder)) != len(cases):
+            print(f"  {r['key']}: no saved images in {folder}, kept as measured")
+            continue
+        with open(os.path.join(RESULTS, r["cases_file"])) as f:
+            recon = {int(x["seed"]): float(x["recon_psnr"]) for x in csv.DictReader(f) if x["recon_psnr"] not in ("", "None")}
+        records = [editbench.score_records(c, np.asarray(Image.open(os.path.join(folder, f"{i:04d}.png")), np.float32) / 255.0,
+                                           recon.get(c.seed, float("nan"))) for i, c in enumerate(cases)]
+        tech = editbench.TECHNIQUES.get(r["technique"])
+        if tech is None:
+            print(f"  {r['key']}: no such technique registered any more, kept as measured")
+            continue
+        row = editbench.Row(tech, r["settings"], r["which"])
+        s = editbench.summarize(row, {"records": records, "recon": list(recon.values()), "seconds": [],
+                                      "wall": r["wall_seconds"]}, r["plain_seconds"])
+        s.update(key=r["key"], label=r["label"], shipped_from=r.get("shipped_from", []), cases_file=r["cases_file"])
+        s["cells"].update(settings=r["cells"]["settings"], **{"time vs plain": r["cells"]["time vs plain"]})
+        write_cases(s, records)
+        r.clear()
+        r.update(s)
+        print(f"  {s['key']}: {s['cells']['edit success']}")
+    save_summary(data)
+
+
 def _matches(name: str, only) -> bool:
     return not only or any(o.lower() in name.lower() for o in only)
 
@@ -347,6 +398,8 @@ def main(argv=None):
     p.add_argument("--readme", action="store_true", help="only rewrite the README's table from the saved results")
     p.add_argument("--no-save", action="store_true", help="print only; keep bench/results/quality/ as it is")
     p.add_argument("--results", help="results folder (default bench/results/quality; e.g. /tmp/q for development)")
+    p.add_argument("--images", help="also save every scored result as a PNG under this folder (not committed)")
+    p.add_argument("--rescore", metavar="IMAGES", help="score the images a run saved with --images again, no sampling")
     a = p.parse_args(argv)
     global RESULTS
     RESULTS = os.path.abspath(a.results) if a.results else RESULTS
@@ -356,6 +409,11 @@ def main(argv=None):
     if a.list:
         for t in techs:
             print(f"{t.name}" + (f"   (shipped: {', '.join(t.shipped_from)})" if t.shipped_from else ""))
+        return 0
+    if a.rescore:
+        rescore(a.rescore)
+        if a.write_readme:
+            write_readme(load_summary())
         return 0
     if a.readme:
         data = load_summary()
@@ -407,16 +465,19 @@ def main(argv=None):
                     if time.perf_counter() - _last[0] > 60 or i == n:
                         _last[0] = time.perf_counter()
                         print(f"  {_row.key}: {i}/{n} ({(_last[0] - _t0) / 60:.1f} min)", flush=True)
-                result = editbench.run_row(ctx, row, cases, n_recon=a.recon, progress=progress)
+                stem = cases_name({"technique": tech.name, "which": row.which, "settings": row.settings})
+                result = editbench.run_row(ctx, row, cases, n_recon=a.recon, progress=progress,
+                                           on_image=image_saver(a.images, stem))
                 s = editbench.summarize(row, result, plain)
                 s["shipped_from"] = list(tech.shipped_from) if row.which != "reference" else []
-                if not a.no_save:
-                    s["cases_file"] = write_cases(s, result["records"])
                 data["rows"].append(s)
                 done.append(s)
+                if not a.no_save:      # saved row by row: an interrupted run keeps what it measured
+                    s["cases_file"] = write_cases(s, result["records"])
+                    save_summary(data)
                 print(editbench.format_table([s], editbench.MAIN_COLUMNS).splitlines()[-1], flush=True)
     minutes = (time.perf_counter() - t_run) / 60
-    if not subset:
+    if not subset and not a.only:
         data["run_minutes"] = minutes
     print(f"\n## Edit quality on the toy world ({len(cases)} cases; {minutes:.1f} min)\n")
     print(tables({"rows": done}))

@@ -51,6 +51,14 @@ def test_perfect_edit_scores_100_and_the_source_0(cases):
     perfect = [c.score(torch.from_numpy(c.target.render())) for c in cases]
     assert all(s.ok and s.why == "" for s in perfect) and all(s.preserve_psnr == float("inf") for s in perfect)
     assert scoring.rate(s.ok for s in perfect).value == 1.0
+    # a new shape may also sit on the source's centre of mass instead of filling its box (a triangle's
+    # centroid is lower in its box than a circle's): still in place
+    centred = [(c, scoring.centred_footprint(c.source, c.target, 0)) for c in cases if c.kind == "shape"]
+    centred = [(c, alt) for c, alt in centred if alt is not None]
+    assert len(centred) >= 48
+    for c, alt in centred:
+        s = c.score(alt.render())
+        assert s.ok and s.footprint == "centroid" and s.preserve_psnr == float("inf")
     unedited = [c.score(c.source.render()) for c in cases]
     assert scoring.rate(s.ok for s in unedited).value == 0.0
     assert not any(s.position_free for s in unedited)

@@ -375,10 +375,23 @@ def _split_result(out):
     return out, None
 
 
-def run_row(ctx: EditContext, row: Row, cases: list, n_recon: int = 24, progress=None) -> dict:
+def to_8bit(image) -> np.ndarray:
+    """(H, W, 3) float32 on the 8-bit grid: what SaveImage writes, so a saved image rescores the same."""
+    img = checker._to_numpy(image)
+    return (np.round(img * 255.0) / 255.0).astype(np.float32)
+
+
+def score_records(case, edited, recon_psnr: float = float("nan")) -> dict:
+    """The per-case record of one result (edit or drag case)."""
+    return {"case": case.name, "split": case.split, "seed": case.seed, **case.score(edited).record(),
+            "recon_psnr": scoring.json_number(recon_psnr)}
+
+
+def run_row(ctx: EditContext, row: Row, cases: list, n_recon: int = 24, progress=None, on_image=None) -> dict:
     """Run one row over the cases (EditCase or DragCase, grouped by source). Returns {"records": one
     flat dict per case (its score's record + case, split, seed, recon_psnr), "recon": PSNR per
-    reconstructed source, "seconds": wall time of each call that did its source's work, "wall"}."""
+    reconstructed source, "seconds": wall time of each call that did its source's work, "wall"}.
+    Each result is scored on the 8-bit grid; on_image(i, image) can save it (to rescore later)."""
     tech, s = row.technique, row.settings
     records, recon, cold, warm = [], {}, [], []
     sources_seen: list[int] = []
@@ -395,14 +408,15 @@ def run_row(ctx: EditContext, row: Row, cases: list, n_recon: int = 24, progress
         m0, t = ctx.misses, time.perf_counter()
         edited, rec = _split_result(tech.run(ctx, case, case.target_prompt, s))
         (cold if ctx.misses > m0 else warm).append(time.perf_counter() - t)
+        edited = to_8bit(edited)
+        if on_image:
+            on_image(n, edited)
         if case.seed not in recon:   # a reconstruction the edit call returned is free: keep every one
             if rec is None and want_recon:
                 rec, _ = _split_result(tech.run(ctx, case, case.source_prompt, s))
             if rec is not None:
                 recon[case.seed] = scoring.psnr(rec, src_img)
-        sc = case.score(edited)
-        records.append({"case": case.name, "split": case.split, "seed": case.seed, **sc.record(),
-                        "recon_psnr": scoring.json_number(recon.get(case.seed, float("nan")))})
+        records.append(score_records(case, edited, recon.get(case.seed, float("nan"))))
         if progress:
             progress(n + 1, len(cases))
     # Runners that cache nothing do all their work in every call: all calls are "from scratch".

@@ -290,6 +290,7 @@ class EditScore:
     index: int
     position_free: bool            # the old reading: checker.check(edited, target) colours, shapes, background
     preserve_psnr: float           # dB against the source outside the edited object (both footprints, dilated)
+    footprint: str = "box"         # which ground-truth footprint of a new shape was met: "box" or "centroid"
 
     @property
     def ok(self) -> bool:
@@ -310,7 +311,8 @@ class EditScore:
 
     def record(self) -> dict:
         return {"success": self.ok, "position_free": self.position_free, "why": self.why, **self.edited.record(),
-                "others_ok": self.others_ok, "preserve_psnr": json_number(self.preserve_psnr)}
+                "footprint": self.footprint, "others_ok": self.others_ok,
+                "preserve_psnr": json_number(self.preserve_psnr)}
 
 
 def json_number(x: float, digits: int = 3):
@@ -318,18 +320,39 @@ def json_number(x: float, digits: int = 3):
     return None if math.isnan(x) else (x if math.isinf(x) else round(float(x), digits))
 
 
+def centred_footprint(source: Scene, target: Scene, index: int) -> Scene | None:
+    """For a shape swap, the target with the new shape moved so that its centre of mass is the source
+    object's (a triangle's sits lower in its box than a circle's); None when that is the box itself."""
+    (sx, sy), (tx, ty) = centroid(source.masks()[index]), centroid(target.masks()[index])
+    dx, dy = round(sx - tx), round(sy - ty)
+    if (dx, dy) == (0, 0):
+        return None
+    o = target.objects[index]
+    return target.with_object(index, x=o.x + dx, y=o.y + dy)
+
+
 def score_edit(edited, source: Scene, target: Scene, index: int = 0, source_image=None) -> EditScore:
     """Attribute edit of object `index` in place: target is source.with_object(index, color=..., shape=...).
-    Success: score_scene(edited, target).ok, i.e. the edited object overlaps its ground-truth mask (the
-    source footprint in the target shape; for a colour swap the source object's mask) with IoU >= IOU_MIN
-    and reads as the target colour and shape, every other object is unchanged, nothing was added and the
-    background is kept. Preservation: PSNR against `source_image` (default: the clean source render)
-    outside the edited object's source and target masks, dilated by PRESERVE_DILATE px."""
+    Success: score_scene(edited, target).ok, i.e. the edited object overlaps its ground-truth footprint
+    with IoU >= IOU_MIN and reads as the target colour and shape, every other object is unchanged,
+    nothing was added and the background is kept. The footprint of a colour swap is the source object's
+    mask; a new shape may fill the source's box ("box") or sit on the source's centre of mass
+    ("centroid", centred_footprint): both keep the object where it was, the better one counts.
+    Preservation: PSNR against `source_image` (default: the clean source render) outside the edited
+    object's source and target footprints, dilated by PRESERVE_DILATE px."""
     src_img = source.render() if source_image is None else source_image
-    sc = score_scene(edited, target)
+    sc, footprint = score_scene(edited, target), "box"
+    masks = [source.masks()[index], target.masks()[index]]
+    alt = centred_footprint(source, target, index) if source.objects[index].shape != target.objects[index].shape else None
+    if alt is not None:
+        masks.append(alt.masks()[index])
+        sc_alt = score_scene(edited, alt)
+        if (sc_alt.ok, sc_alt.objects[index].iou) > (sc.ok, sc.objects[index].iou):
+            sc, footprint = sc_alt, "centroid"
     v = checker.check(edited, target)
-    keep = preserve_region(source.masks()[index], target.masks()[index])
-    return EditScore(sc, index, bool(v.background_ok and v.colors_ok and v.shapes_ok), psnr(edited, src_img, keep))
+    keep = preserve_region(*masks)
+    return EditScore(sc, index, bool(v.background_ok and v.colors_ok and v.shapes_ok), psnr(edited, src_img, keep),
+                     footprint)
 
 
 @dataclass
