@@ -113,23 +113,8 @@ def test_psnr_and_masked_psnr():
     assert evaluate.psnr(a, b, keep) == float("inf")
 
 
-def test_edit_cases_are_fixed_and_valid():
-    cases = editbench.edit_cases(6, 3)
-    assert cases == editbench.edit_cases(6, 3)
-    assert [c.kind for c in cases].count("colour") == 6 and [c.kind for c in cases].count("shape") == 3
-    for c in cases:
-        so, to = c.source.objects[0], c.target.objects[0]
-        assert (so.x, so.y, so.size) == (to.x, to.y, to.size) and c.source.background == c.target.background
-        assert (so.color != to.color) == (c.kind == "colour") and (so.shape != to.shape) == (c.kind == "shape")
-        # the ground-truth edit itself scores as a success with perfect preservation
-        s = editbench.score_case(c, torch.from_numpy(c.source.render()), torch.from_numpy(c.target.render()), 1.0)
-        assert s.success and s.preserve_psnr == float("inf") and s.recon_psnr == float("inf")
-        # and the unedited source fails
-        assert not editbench.score_case(c, None, torch.from_numpy(c.source.render()), 1.0).success
-
-
 def test_measure_edit_without_ground_truth():
-    c = editbench.edit_cases(1, 0)[0]
+    c = next(c for c in editbench.edit_cases(1) if c.kind == "colour")
     src, tgt = c.source.render(), c.target.render()
     m = editbench.measure_edit(src, tgt, c.target_prompt)
     assert m["success"] and m["preserve_psnr"] == float("inf")

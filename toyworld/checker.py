@@ -12,19 +12,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .world import COLOR_NAMES, COLORS, SHAPES, CaptionSpec, Scene, parse_caption, shape_template
+from .world import BASE, CaptionSpec, Scene, Vocabulary, parse_caption, shape_template
 
 FG_THRESHOLD = 0.22     # RGB distance (unit cube) from the background colour
 MIN_AREA = 250          # pixels at 128x128, scaled with the image area (the smallest object, a 32 px triangle, has 512)
 BORDER = 2              # the background is read in the band BORDER..BAND px inside the frame
 BAND = 12
-_PALETTE = np.stack([np.asarray(COLORS[c], dtype=np.float32) / 255.0 for c in COLOR_NAMES])
 
 
-def nearest_color(rgb) -> tuple[str, float]:
-    d = np.linalg.norm(_PALETTE - np.asarray(rgb, dtype=np.float32)[None], axis=1)
+def nearest_color(rgb, vocab: Vocabulary = BASE) -> tuple[str, float]:
+    d = np.linalg.norm(vocab.palette() - np.asarray(rgb, dtype=np.float32)[None], axis=1)
     i = int(np.argmin(d))
-    return COLOR_NAMES[i], float(d[i])
+    return vocab.color_names[i], float(d[i])
 
 
 @dataclass
@@ -37,6 +36,12 @@ class DetectedObject:
     color_distance: float               # distance of the median colour to its named colour
     shape_iou: dict = field(default_factory=dict)
     mask: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def centroid(self) -> tuple[float, float]:
+        """(x, y) of the mask's centre of mass, in pixels (pixel centres at +0.5)."""
+        ys, xs = np.nonzero(self.mask)
+        return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
 
 
 @dataclass
@@ -62,7 +67,7 @@ def _to_numpy(image) -> np.ndarray:
     return np.clip(img[..., :3], 0.0, 1.0)
 
 
-def _background(img: np.ndarray) -> tuple[str, np.ndarray]:
+def _background(img: np.ndarray, vocab: Vocabulary = BASE) -> tuple[str, np.ndarray]:
     """The most frequent named colour in a band BORDER..BAND px inside the frame (a decoder's edge halo and
     objects touching the frame barely affect it), and the median RGB of the band pixels of that colour."""
     h, w, _ = img.shape
@@ -70,18 +75,20 @@ def _background(img: np.ndarray) -> tuple[str, np.ndarray]:
     ring[BORDER:h - BORDER, BORDER:w - BORDER] = True
     ring[BAND:h - BAND, BAND:w - BAND] = False
     pix = img[ring]
-    d = np.linalg.norm(pix[:, None, :] - _PALETTE[None], axis=-1)
+    d = np.linalg.norm(pix[:, None, :] - vocab.palette()[None], axis=-1)
     cls = d.argmin(axis=1)
-    best = int(np.bincount(cls, minlength=len(COLOR_NAMES)).argmax())
-    return COLOR_NAMES[best], np.median(pix[cls == best], axis=0)
+    best = int(np.bincount(cls, minlength=len(vocab.colors)).argmax())
+    return vocab.color_names[best], np.median(pix[cls == best], axis=0)
 
 
-def read(image) -> Reading:
-    """Analyse one (H, W, 3) image in [0, 1] (numpy or torch; a batch of one is accepted)."""
+def read(image, vocab: Vocabulary = BASE) -> Reading:
+    """Analyse one (H, W, 3) image in [0, 1] (numpy or torch; a batch of one is accepted). Colours and
+    shapes are named from `vocab` (the trained world's by default; pass an extended one to read a
+    personalized concept)."""
     from scipy import ndimage
     img = _to_numpy(image)
     h, w, _ = img.shape
-    bg_name, bg_rgb = _background(img)
+    bg_name, bg_rgb = _background(img, vocab)
     dist = np.linalg.norm(img - bg_rgb[None, None], axis=-1)
     fg = dist > FG_THRESHOLD
     fg = ndimage.binary_opening(fg, structure=np.ones((3, 3), bool))
@@ -98,11 +105,11 @@ def read(image) -> Reading:
         inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), iterations=2)
         pix = img[inner] if inner.sum() >= 16 else img[mask]
         rgb = np.median(pix, axis=0)
-        cname, cdist = nearest_color(rgb)
+        cname, cdist = nearest_color(rgb, vocab)
         crop = mask[y0:y1, x0:x1].astype(np.float32)
         ious = {}
-        for s in SHAPES:
-            t = shape_template(s, y1 - y0, x1 - x0) >= 0.5
+        for s in vocab.shape_names:
+            t = shape_template(s, y1 - y0, x1 - x0, vocab=vocab) >= 0.5
             inter = float((t & (crop > 0)).sum())
             union = float((t | (crop > 0)).sum())
             ious[s] = inter / max(union, 1.0)
@@ -135,14 +142,18 @@ class Verdict:
         return self.background_ok and self.colors_ok and self.shapes_ok and self.count_ok
 
 
-def check(image, caption: str | CaptionSpec | Scene) -> Verdict:
-    """Score an image against a caption (or a spec / scene).
+def check(image, caption: str | CaptionSpec | Scene, vocab: Vocabulary | None = None) -> Verdict:
+    """Position-free reading of an image against a caption (or a spec / scene): colours, shapes,
+    background and count, wherever the objects are. Edit and prompt tables score with
+    toyworld.scoring, which also checks where each object is; this is its "position-free" column.
 
     Each captioned object is matched to the largest unmatched detected object of its colour (colour
     correct), else to the largest unmatched object (colour wrong); its shape is that object's shape.
     """
-    spec = caption if isinstance(caption, CaptionSpec) else caption.spec if isinstance(caption, Scene) else parse_caption(caption)
-    reading = read(image)
+    if vocab is None:
+        vocab = caption.vocab if isinstance(caption, Scene) else BASE
+    spec = caption if isinstance(caption, CaptionSpec) else caption.spec if isinstance(caption, Scene) else parse_caption(caption, vocab)
+    reading = read(image, vocab)
     free = list(reading.objects)
     color_ok, matched = [], []
     for c, _s in spec.objects:
@@ -159,17 +170,13 @@ def check(image, caption: str | CaptionSpec | Scene) -> Verdict:
                    len(reading.objects) == len(spec.objects), matched, reading)
 
 
-def box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def check_scene(image, scene: Scene, min_box_iou: float = 0.7) -> dict:
-    """Against full ground truth: colour, shape, background and box of every object."""
-    v = check(image, scene)
-    boxes = [m is not None and box_iou(m.box, o.box) >= min_box_iou for m, o in zip(v.matched, scene.objects)]
-    return {"background": v.background_ok, "color": v.colors_ok, "shape": v.shapes_ok, "count": v.count_ok,
-            "box": all(boxes), "ok": v.ok and all(boxes), "verdict": v}
+def check_scene(image, scene: Scene) -> dict:
+    """Against full ground truth, position included (toyworld.scoring.score_scene, as a dict):
+    every object in place (mask IoU >= scoring.IOU_MIN) with its colour and shape, nothing extra,
+    background kept."""
+    from . import scoring
+    sc = scoring.score_scene(image, scene)
+    return {"background": sc.background_ok, "color": all(o.color_ok for o in sc.objects),
+            "shape": all(o.shape_ok for o in sc.objects), "count": len(sc.reading.objects) == len(scene.objects),
+            "in_place": all(o.in_place for o in sc.objects), "ok": sc.ok, "score": sc,
+            "verdict": check(image, scene)}

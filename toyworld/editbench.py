@@ -1,46 +1,64 @@
 """The edit-quality benchmark on the toy world: fixed edit cases with exact ground truth, a registry of
-technique runners, and one table row per technique.
+technique runners, and one table row per technique and settings. Scoring: toyworld/scoring.py.
 
 A technique runner edits a real image (a clean render of a toy scene) from its caption to a target
-caption:
+caption, with a settings dict:
 
-    @register("SDEdit (t0=0.6)", order=10)
-    def run(ctx: EditContext, case: EditCase, target_prompt: str) -> torch.Tensor:   # (H, W, 3) in [0, 1]
-        ...
+    @register("SDEdit", order=10, reference=lambda ctx: [{"strength": 0.5, "steps": 10, "cfg": ctx.cfg}],
+              shipped=lambda: shipped.read_settings({...}))
+    def run(ctx: EditContext, case: EditCase, target_prompt: str, settings: dict) -> torch.Tensor:
+        ...   # (H, W, 3) in [0, 1]; or (edited, reconstruction) when one call yields both
 
-It is called twice per case: with the edit caption (scored for edit success and preservation) and
-with the source caption itself (scored for reconstruction). Columns (stable; later techniques only
-add rows):
-  * recon PSNR     PSNR of the "edit" to the source caption against the source image (dB);
-  * edit success   the checker reads the edited object with the target colour and shape (and the
-                   background unchanged); split into colour and shape edits;
-  * preserve PSNR  PSNR against the source outside the edited object (union of the source and target
-                   object masks, dilated by 3 px), dB;
-  * time vs plain  median wall time of one edit / median time of plain txt2img with ctx.steps steps.
+Each technique is measured once per reference settings (the benchmark's own: ctx.steps, ctx.cfg, node
+defaults) and once at the settings its shipped workflow uses (read from the workflow JSON at run time)
+when those differ from every reference set. Per row it is called with each case's target caption
+(scored by scoring.score_edit) and, on the first `n_recon` sources, with the source caption itself
+(reconstruction PSNR) unless the edit call already returned a reconstruction. Expensive per-source work
+(an inversion) may be cached with ctx.memo; the time column counts the calls that did that work, so
+it is the cost of one edit from scratch.
+
+Columns (stable; later techniques only add rows): edit success with its 95 % Wilson interval, the
+near / far colour split and the shape swaps (by pair in a second table), the old position-free
+reading, recon PSNR, preserve PSNR (outside the edited object), time vs plain txt2img.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import checker, evaluate, world
+from . import checker, evaluate, scoring, world
 
-COLUMNS = ["technique", "recon PSNR (dB)", "edit success", "colour edits", "shape edits", "preserve PSNR (dB)",
-           "time vs plain"]
+COLOUR_SPLITS = ("colour near", "colour far")
+
+
+def shape_splits(vocab: world.Vocabulary = world.BASE) -> list[str]:
+    names = vocab.shape_names
+    return ["shape " + scoring.shape_pair(a, b, vocab) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
 @dataclass(frozen=True)
 class EditCase:
     name: str
     source: world.Scene      # the image to edit (ground truth known)
-    target: world.Scene      # the same scene with the object recoloured / reshaped
+    target: world.Scene      # the same scene with object `index` recoloured / reshaped
     kind: str                # "colour" or "shape"
-    seed: int                # noise seed a technique should use
+    seed: int                # noise seed a technique should use (also the source scene's seed)
+    index: int = 0           # the edited object
+
+    @property
+    def split(self) -> str:
+        """"colour near" / "colour far" by RGB distance, "shape circle↔square" etc. by unordered pair."""
+        a, b = self.source.objects[self.index], self.target.objects[self.index]
+        if self.kind == "colour":
+            return "colour " + scoring.color_split(a.color, b.color, self.source.vocab)
+        return "shape " + scoring.shape_pair(a.shape, b.shape, self.source.vocab)
 
     @property
     def source_prompt(self) -> str:
@@ -53,49 +71,151 @@ class EditCase:
     def source_image(self) -> torch.Tensor:
         return torch.from_numpy(self.source.render())
 
-    def edit_region(self, dilate: int = 3) -> np.ndarray:
-        m = self.source.masks()[0] | self.target.masks()[0]
-        return evaluate.dilate(m, dilate)
+    def score(self, edited, source_image=None) -> scoring.EditScore:
+        return scoring.score_edit(edited, self.source, self.target, self.index, source_image)
 
 
-def edit_cases(n_colour: int = 16, n_shape: int = 8, seed0: int = 50_000) -> list[EditCase]:
-    """Fixed cases: single-object scenes (trained caption triples), one colour or shape change each."""
-    cases = []
+def edit_cases(per_split: int = 48, seed0: int = 50_000, n_objects: int = 1) -> list[EditCase]:
+    """Fixed cases, grouped by source scene: at least `per_split` in each of "colour near", "colour far"
+    and every shape pair. Each source (a trained caption, never a held-out triple) gives up to one near
+    and one far colour swap and a swap to each other shape, while those splits still need cases; with
+    n_objects=2 (local edits) the edited object is drawn per source and a new colour never repeats the
+    other object's."""
+    need = {s: per_split for s in COLOUR_SPLITS + tuple(shape_splits())}
+    # A source of shape a feeds the pairs a↔b and a↔c: sources balanced over shapes (per_split / 2 each,
+    # the seed's object reshaped when its shape has enough) fill every pair with the fewest sources (each
+    # source is one inversion for the expensive methods).
+    shape_quota = {s: -(-per_split // 2) for s in world.SHAPES}
+    cases: list[EditCase] = []
     k = 0
-    while len([c for c in cases if c.kind == "colour"]) < n_colour or len([c for c in cases if c.kind == "shape"]) < n_shape:
+    while any(v > 0 for v in need.values()):
         seed = seed0 + k
         k += 1
-        src = world.sample_scene(seed, n_objects=1, split="train")
-        o = src.objects[0]
+        src = world.sample_scene(seed, n_objects=n_objects, split="train")
         rng = np.random.default_rng([seed, 0xED17])
-        want_colour = len([c for c in cases if c.kind == "colour"]) < n_colour and (
-            len([c for c in cases if c.kind == "shape"]) >= n_shape or k % 3 != 0)
-        if want_colour:
-            options = [c for c in world.COLOR_NAMES if c not in (o.color, src.background)]
-            tgt = src.with_object(0, color=options[rng.integers(len(options))])
-            kind = "colour"
-        else:
-            options = [s for s in world.SHAPES if s != o.shape]
-            tgt = src.with_object(0, shape=options[rng.integers(len(options))])
-            kind = "shape"
-        if world.is_held_out(tgt.objects[0].color, tgt.objects[0].shape, tgt.background):
-            continue
-        cases.append(EditCase(f"{o.color} {o.shape} -> {tgt.objects[0].color} {tgt.objects[0].shape} on {src.background}",
-                              src, tgt, kind, seed))
+        i = int(rng.integers(len(src.objects)))
+        o = src.objects[i]
+        # Shape swaps only from a colour and background whose three shapes are all trained captions.
+        reshapable = not any(world.is_held_out(o.color, t, src.background) for t in world.SHAPES)
+        if not reshapable and any(v > 0 for split, v in need.items() if split.startswith("shape ")):
+            continue     # while shape swaps are still needed, every source must give them
+        best = max(world.SHAPES, key=lambda s: (shape_quota[s], s == o.shape))
+        if reshapable and shape_quota[best] > 0 and best != o.shape:
+            src = src.with_object(i, shape=best)    # balance the sources over shapes
+            o = src.objects[i]
+        taken = {src.background} | {p.color for p in src.objects}
+        made = []
+        for s in world.SHAPES if reshapable else ():
+            pair = "shape " + scoring.shape_pair(o.shape, s)
+            wanted = s != o.shape and need[pair] > 0 and (shape_quota[o.shape] > 0 or shape_quota[s] <= 0)
+            if wanted and not world.is_held_out(o.color, s, src.background):
+                made.append(EditCase("", src, src.with_object(i, shape=s), "shape", seed, i))
+        for split in ("near", "far"):
+            options = [c for c in world.COLOR_NAMES if c not in taken and scoring.color_split(o.color, c) == split
+                       and not world.is_held_out(c, o.shape, src.background)]
+            if options:
+                made.append(EditCase("", src, src.with_object(i, color=options[int(rng.integers(len(options)))]),
+                                     "colour", seed, i))
+        if any(c.kind == "shape" and need[c.split] > 0 for c in made):
+            shape_quota[o.shape] -= 1
+        for c in made:
+            if need[c.split] > 0:
+                need[c.split] -= 1
+                t = c.target.objects[i]
+                others = "".join(f" (beside a {p.phrase})" for j, p in enumerate(src.objects) if j != i)
+                name = f"#{seed} {o.phrase} -> {t.phrase} on {src.background}{others}"
+                cases.append(EditCase(name, c.source, c.target, c.kind, c.seed, c.index))
     return cases
 
 
-@dataclass
+DRAG_LONG = 22.0   # px: drags up to this are "drag short", longer ones "drag long"
+
+
+@dataclass(frozen=True)
+class DragCase:
+    """A drag of object `index` from its place in `source` to its place in `target`; same runner contract
+    as EditCase (run_row runs either), scored by scoring.score_drag."""
+    name: str
+    source: world.Scene
+    target: world.Scene      # object `index` moved
+    seed: int
+    index: int = 0
+
+    @property
+    def split(self) -> str:
+        """"drag short" up to DRAG_LONG px, "drag long" beyond."""
+        (x0, y0), (x1, y1) = self.handle, self.goal
+        return "drag long" if math.hypot(x1 - x0, y1 - y0) > DRAG_LONG else "drag short"
+
+    @property
+    def source_prompt(self) -> str:
+        return self.source.caption
+
+    @property
+    def target_prompt(self) -> str:
+        """The caption after the drag (objects are named left to right, so a drag past the other object
+        swaps their order)."""
+        return self.target.caption
+
+    def source_image(self) -> torch.Tensor:
+        return torch.from_numpy(self.source.render())
+
+    @property
+    def handle(self) -> tuple[float, float]:
+        """(x, y) the drag starts at: the object's centroid in the source."""
+        return scoring.centroid(self.source.masks()[self.index])
+
+    @property
+    def goal(self) -> tuple[float, float]:
+        """(x, y) the drag ends at: the centroid of the moved object."""
+        return scoring.centroid(self.target.masks()[self.index])
+
+    def score(self, edited, tolerance: float | None = None, source_image=None) -> scoring.DragScore:
+        return scoring.score_drag(edited, self.source, self.target, self.index, tolerance, source_image)
+
+
+def drag_cases(n: int = 48, seed0: int = 60_000, min_shift: int = 12, max_shift: int = 32) -> list[DragCase]:
+    """Fixed drag cases on two-object scenes: one object moved by min_shift..max_shift px (x and/or y),
+    staying in the frame, GAP px clear of the other object's box."""
+    cases = []
+    k = 0
+    while len(cases) < n:
+        seed = seed0 + k
+        k += 1
+        src = world.sample_scene(seed, n_objects=2, split="train")
+        rng = np.random.default_rng([seed, 0xD4A6])
+        i = int(rng.integers(2))
+        o, other = src.objects[i], src.objects[1 - i]
+        for _ in range(50):
+            dx, dy = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+            if math.hypot(dx, dy) < min_shift or math.hypot(dx, dy) > max_shift:
+                continue
+            x, y = o.x + dx, o.y + dy
+            if not (world.MARGIN <= x <= src.size - world.MARGIN - o.size and world.MARGIN <= y <= src.size - world.MARGIN - o.size):
+                continue
+            g = world.GAP
+            if not (x + o.size + g <= other.x or other.x + other.size + g <= x
+                    or y + o.size + g <= other.y or other.y + other.size + g <= y):
+                continue
+            tgt = src.with_object(i, x=x, y=y)
+            cases.append(DragCase(f"#{seed} {o.phrase} by ({dx:+d}, {dy:+d}) beside a {other.phrase} on {src.background}",
+                                  src, tgt, seed, i))
+            break
+    return cases
+
+
 class EditContext:
-    """What runners get: the model triple and the shared settings. Helpers cache encodings."""
-    model: object
-    clip: object
-    vae: object
-    steps: int = 20
-    cfg: float = 5.0
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    _cond: dict = field(default_factory=dict)
+    """What runners get: the model triple and the benchmark's reference settings. Helpers cache prompt
+    encodings; memo() caches per-source work (cleared when the benchmark moves to the next source)."""
+
+    def __init__(self, model, clip, vae, steps: int = 20, cfg: float = 5.0, sampler: str = "euler",
+                 scheduler: str = "normal", memo_size: int = 16):
+        self.model, self.clip, self.vae = model, clip, vae
+        self.steps, self.cfg, self.sampler, self.scheduler = steps, cfg, sampler, scheduler
+        self._cond: dict = {}
+        self._memo: OrderedDict = OrderedDict()
+        self._memo_size = memo_size
+        self.misses = 0
 
     def encode(self, prompt: str):
         if prompt not in self._cond:
@@ -113,8 +233,22 @@ class EditContext:
         return evaluate.txt2img(self.model, self.clip, self.vae, [prompt], [seed], steps=self.steps, cfg=self.cfg,
                                 sampler=self.sampler, scheduler=self.scheduler)[0]
 
+    def memo(self, key, compute: Callable):
+        """compute() once per key (e.g. the inversion of a source with given settings); counts misses."""
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        self.misses += 1
+        value = self._memo[key] = compute()
+        while len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+        return value
 
-Runner = Callable[[EditContext, EditCase, str], torch.Tensor]
+    def forget(self):
+        self._memo.clear()
+
+
+Runner = Callable[[EditContext, EditCase, str, dict], object]
 
 
 def changed_words(source: str, target: str) -> list[str]:
@@ -147,41 +281,86 @@ class Technique:
     name: str
     run: Runner
     order: int = 100
-    reference: bool = False      # a calibration row (e.g. the VAE round trip), not an editing method
+    calibration: bool = False    # a calibration row (VAE round trip, ground truth through the VAE), not an editor
+    reference: Callable[[EditContext], list[dict]] = lambda ctx: [{}]
+    shipped: Callable[[], dict] | None = None   # reads the shipped workflow(s); raises ShippedSettingError
+    shipped_from: tuple[str, ...] = ()          # the workflow files it reads (for the README)
     available: Callable[[], bool] = lambda: True
 
 
 TECHNIQUES: dict[str, Technique] = {}
 
 
-def register(name: str, order: int = 100, reference: bool = False, available: Callable[[], bool] | None = None):
-    """Decorator: add a technique runner (a row of the table)."""
+def register(name: str, order: int = 100, calibration: bool = False, reference=None, shipped=None,
+             shipped_from=(), available: Callable[[], bool] | None = None):
+    """Decorator: add a technique runner (rows of the table; see the module docstring)."""
     def deco(fn: Runner) -> Runner:
-        TECHNIQUES[name] = Technique(name, fn, order, reference, available or (lambda: True))
+        TECHNIQUES[name] = Technique(name, fn, order, calibration, reference or (lambda ctx: [{}]), shipped,
+                                     tuple(shipped_from), available or (lambda: True))
         return fn
     return deco
 
 
 @dataclass
-class CaseScore:
-    recon_psnr: float
-    success: bool
-    preserve_psnr: float
-    seconds: float
-    kind: str
+class Row:
+    """One technique at one settings set."""
+    technique: Technique
+    settings: dict
+    which: str                   # "reference", "shipped" or "reference = shipped"
+    shown: tuple = ()            # the settings the table prints (those that differ between the rows, steps, CFG)
+
+    @property
+    def label(self) -> str:
+        return settings_label({k: v for k, v in self.settings.items() if k in self.shown})
+
+    @property
+    def key(self) -> str:
+        return f"{self.technique.name} | {self.which} | {self.label}"
 
 
-def score_case(case: EditCase, recon: torch.Tensor | None, edited: torch.Tensor, seconds: float) -> CaseScore:
-    src = case.source.render()
-    v = checker.check(edited, case.target)
-    success = v.background_ok and v.colors_ok and v.shapes_ok
-    keep = ~case.edit_region()
-    return CaseScore(evaluate.psnr(recon, src) if recon is not None else float("nan"), bool(success),
-                     evaluate.psnr(edited, src, keep), seconds, case.kind)
+ALWAYS_SHOWN = ("strength", "steps", "cfg")
 
 
-def plain_time(ctx: EditContext, repeats: int = 3) -> float:
-    ctx.txt2img("a red circle on a white background", 0)   # warm-up
+def rows_for(ctx: EditContext, tech: Technique, which: str = "both") -> list[Row]:
+    """The rows of a technique: its reference settings, and its shipped settings unless they equal one.
+    Each row prints steps, CFG and the settings that differ between the technique's rows."""
+    refs = [dict(r) for r in tech.reference(ctx)]
+    ship = tech.shipped() if tech.shipped is not None and which in ("both", "shipped") else None
+    sets = refs + ([ship] if ship is not None else [])
+    keys = [k for k in sets[0] if k in ALWAYS_SHOWN or any(s.get(k) != sets[0].get(k) for s in sets)]
+    rows = [Row(tech, r, "reference", tuple(keys)) for r in refs] if which in ("both", "reference") else []
+    if ship is not None:
+        same = next((r for r in rows if r.settings == ship), None)
+        if same is not None:
+            same.which = "reference = shipped"
+        else:
+            rows.append(Row(tech, ship, "reference = shipped" if ship in refs else "shipped", tuple(keys)))
+    return rows
+
+
+_SHORT = {"strength": "t0", "cfg": "CFG", "invert_cfg": "inversion CFG", "fixed_point_iterations": "fixed-point its",
+          "inner_iterations": "inner its", "learning_rate": "lr"}
+
+
+def settings_label(s: dict) -> str:
+    def fmt(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    parts = []
+    for k, v in s.items():
+        if k == "steps":
+            parts.append(f"{v} steps")
+        else:
+            parts.append(f"{_SHORT.get(k, k.replace('_', ' '))} {fmt(v)}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+def plain_time(ctx: EditContext, repeats: int = 3, warmup: bool = True) -> float:
+    """Median wall time of one plain txt2img at the reference settings (the time column's unit)."""
+    if warmup:
+        ctx.txt2img("a red circle on a white background", 0)
     times = []
     for i in range(repeats):
         t = time.perf_counter()
@@ -190,69 +369,128 @@ def plain_time(ctx: EditContext, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def _split_result(out):
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
+def to_8bit(image) -> np.ndarray:
+    """(H, W, 3) float32 on the 8-bit grid: what SaveImage writes, so a saved image rescores the same."""
+    img = checker._to_numpy(image)
+    return (np.round(img * 255.0) / 255.0).astype(np.float32)
+
+
+def score_records(case, edited, recon_psnr: float = float("nan")) -> dict:
+    """The per-case record of one result (edit or drag case)."""
+    return {"case": case.name, "split": case.split, "seed": case.seed, **case.score(edited).record(),
+            "recon_psnr": scoring.json_number(recon_psnr)}
+
+
+def run_row(ctx: EditContext, row: Row, cases: list, n_recon: int = 24, progress=None, on_image=None) -> dict:
+    """Run one row over the cases (EditCase or DragCase, grouped by source). Returns {"records": one
+    flat dict per case (its score's record + case, split, seed, recon_psnr), "recon": PSNR per
+    reconstructed source, "seconds": wall time of each call that did its source's work, "wall"}.
+    Each result is scored on the 8-bit grid; on_image(i, image) can save it (to rescore later)."""
+    tech, s = row.technique, row.settings
+    records, recon, cold, warm = [], {}, [], []
+    sources_seen: list[int] = []
+    ctx.forget()
+    t_row = time.perf_counter()
+    for n, case in enumerate(cases):
+        src_img = case.source.render()
+        if case.seed not in sources_seen:
+            sources_seen.append(case.seed)
+            ctx.forget()
+            want_recon = len(sources_seen) <= n_recon
+        else:
+            want_recon = False
+        m0, t = ctx.misses, time.perf_counter()
+        edited, rec = _split_result(tech.run(ctx, case, case.target_prompt, s))
+        (cold if ctx.misses > m0 else warm).append(time.perf_counter() - t)
+        edited = to_8bit(edited)
+        if on_image:
+            on_image(n, edited)
+        if case.seed not in recon:   # a reconstruction the edit call returned is free: keep every one
+            if rec is None and want_recon:
+                rec, _ = _split_result(tech.run(ctx, case, case.source_prompt, s))
+            if rec is not None:
+                recon[case.seed] = scoring.psnr(rec, src_img)
+        records.append(score_records(case, edited, recon.get(case.seed, float("nan"))))
+        if progress:
+            progress(n + 1, len(cases))
+    # Runners that cache nothing do all their work in every call: all calls are "from scratch".
+    seconds = cold if cold else warm
+    return {"records": records, "recon": list(recon.values()), "seconds": seconds,
+            "wall": time.perf_counter() - t_row}
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.mean(xs) if xs else float("nan")
+
+
 def _fmt(x: float, digits: int = 2) -> str:
-    return "n/a" if x != x else f"{x:.{digits}f}"
+    if math.isnan(x):
+        return "n/a"
+    return "∞" if math.isinf(x) else f"{x:.{digits}f}"
 
 
-def run_technique(ctx: EditContext, tech: Technique, cases: list[EditCase], plain_seconds: float) -> tuple[dict, list]:
-    scores = []
-    for case in cases:
-        recon = tech.run(ctx, case, case.source_prompt)
-        t = time.perf_counter()
-        edited = tech.run(ctx, case, case.target_prompt)
-        dt = time.perf_counter() - t
-        scores.append(score_case(case, recon, edited, dt))
-    return summarize(tech.name, scores, plain_seconds), scores
+MAIN_COLUMNS = ["technique", "settings", "edit success", "colour near", "colour far", "shape swaps",
+                "position-free reading", "recon PSNR (dB)", "preserve PSNR (dB)", "time vs plain"]
 
 
-def summarize(name: str, scores: list[CaseScore], plain_seconds: float) -> dict:
-    def rate(kind=None):
-        s = [c.success for c in scores if kind is None or c.kind == kind]
-        return f"{100 * sum(s) / len(s):.0f} % ({sum(s)}/{len(s)})" if s else "n/a"
-    recon = [c.recon_psnr for c in scores if c.recon_psnr == c.recon_psnr]
-    return {
-        "technique": name,
-        "recon PSNR (dB)": _fmt(statistics.mean(recon)) if recon else "n/a",
-        "edit success": rate(),
-        "colour edits": rate("colour"),
-        "shape edits": rate("shape"),
-        "preserve PSNR (dB)": _fmt(statistics.mean(c.preserve_psnr for c in scores)),
-        "time vs plain": _fmt(statistics.median(c.seconds for c in scores) / plain_seconds),
-    }
+EDIT_GROUPS = {"shape swaps": lambda split: split.startswith("shape ")}
 
 
-def run_benchmark(ctx: EditContext, cases: list[EditCase], names: list[str] | None = None) -> list[dict]:
-    plain = plain_time(ctx)
-    rows = []
-    for tech in sorted(TECHNIQUES.values(), key=lambda t: (t.order, t.name)):
-        if names and tech.name not in names:
-            continue
-        if not tech.available():
-            continue
-        row, _ = run_technique(ctx, tech, cases, plain)
-        rows.append(row)
-    return rows
+def summarize(row: Row, result: dict, plain_seconds: float, success: str = "edit success",
+              groups: dict | None = None) -> dict:
+    """A row's cells (strings) and rates (records) from run_row's result, for any case type whose records
+    carry "success" and "split": the overall rate (named `success`), one rate per split, one per group of
+    splits (default: all shape swaps), the position-free reading where records have it, and the means of
+    recon PSNR, preserve PSNR and centroid error. A table picks its columns from the cells."""
+    recs = result["records"]
+    groups = EDIT_GROUPS if groups is None else groups
+    by_split = scoring.tally(recs, key=lambda r: r["split"])
+    rates = {success: scoring.rate(r["success"] for r in recs)}
+    rates.update({k: by_split.get(k, scoring.Rate(0, 0)) for k in COLOUR_SPLITS if success == "edit success"})
+    rates.update({k: scoring.rate(r["success"] for r in recs if pick(r["split"])) for k, pick in groups.items()})
+    rates.update({k: v for k, v in sorted(by_split.items()) if k not in rates})
+    if recs and "position_free" in recs[0]:
+        rates["position-free reading"] = scoring.rate(r["position_free"] for r in recs)
+
+    def mean_of(field):
+        return _mean([r[field] if r.get(field) is not None else float("nan") for r in recs])
+    secs = result["seconds"]
+    cells = {"technique": row.technique.name, "settings": f"{row.which}: {row.label}".rstrip(": "),
+             **{k: str(v) for k, v in rates.items()},
+             "recon PSNR (dB)": _fmt(_mean(result["recon"])),
+             "preserve PSNR (dB)": _fmt(mean_of("preserve_psnr")),
+             "centroid error (px)": _fmt(mean_of("centroid_error"), 1),
+             "time vs plain": _fmt(statistics.median(secs) / plain_seconds) if secs else "n/a"}
+    return {"key": row.key, "technique": row.technique.name, "which": row.which, "settings": row.settings,
+            "label": row.label,
+            "calibration": row.technique.calibration, "order": row.technique.order,
+            "cells": cells, "rates": {k: v.record() for k, v in rates.items()},
+            "plain_seconds": plain_seconds, "wall_seconds": result["wall"], "n_cases": len(recs)}
 
 
-def format_table(rows: list[dict]) -> str:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in COLUMNS} if rows else {c: len(c) for c in COLUMNS}
-    lines = ["| " + " | ".join(c.ljust(widths[c]) for c in COLUMNS) + " |",
-             "|" + "|".join("-" * (widths[c] + 2) for c in COLUMNS) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in COLUMNS) + " |")
+def format_table(summaries: list[dict], columns: list[str]) -> str:
+    rows = [[str(s["cells"].get(c, "n/a")) for c in columns] for s in summaries]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def measure_edit(source, edited, target_caption: str, dilate: int = 3) -> dict:
+def measure_edit(source, edited, target_caption: str, dilate: int = scoring.PRESERVE_DILATE) -> dict:
     """Edit metrics without ground truth (e.g. a demo edit of a generated image): the checker reads the
-    edited image against the target caption; preservation is the PSNR outside the objects the checker
-    finds in either image (dilated)."""
+    edited image against the target caption (position-free: nothing says where the object should be);
+    preservation is the PSNR outside the objects the checker finds in either image (dilated)."""
     v = checker.check(edited, target_caption)
     src_reading = checker.read(source)
-    region = np.zeros(checker._to_numpy(source).shape[:2], bool)
-    for o in src_reading.objects + v.reading.objects:
-        region |= o.mask
-    keep = ~evaluate.dilate(region, dilate)
+    masks = [o.mask for o in src_reading.objects + v.reading.objects]
+    keep = scoring.preserve_region(*masks, dilate_px=dilate) if masks else None
     return {"success": bool(v.ok), "colour_ok": v.colors_ok, "shape_ok": v.shapes_ok, "background_ok": v.background_ok,
             "source_objects": src_reading.names(), "edited_objects": v.reading.names(),
-            "preserve_psnr": evaluate.psnr(edited, source, keep)}
+            "preserve_psnr": scoring.psnr(edited, source, keep)}
+

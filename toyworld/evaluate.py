@@ -1,14 +1,13 @@
-"""Evaluation on the toy world: batched txt2img through ComfyUI's sampler, accuracy against captions,
-and the image metrics the edit benchmark reports (PSNR, masked PSNR).
+"""Evaluation on the toy world: batched txt2img through ComfyUI's sampler and accuracy against captions
+(the model card's position-free reading). Scoring and image metrics: toyworld/scoring.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from . import checker, world
+from . import checker, scoring, world
 
 
 def encode_batch(clip, prompts: list[str]):
@@ -112,25 +111,6 @@ def evaluate_txt2img(model, clip, vae, n_heldout: int = 120, n_single: int = 96,
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# Image metrics
-
-def psnr(a, b, mask=None) -> float:
-    """PSNR in dB of two (H, W, 3) images in [0, 1], optionally over a (H, W) bool mask only."""
-    a = checker._to_numpy(a).astype(np.float64)
-    b = checker._to_numpy(b).astype(np.float64)
-    d = (a - b) ** 2
-    if mask is not None:
-        m = np.asarray(mask, bool)
-        if m.sum() == 0:
-            return float("nan")
-        d = d[m]
-    mse = float(d.mean())
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
-
-
-def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
-    from scipy import ndimage
-    if pixels <= 0:
-        return np.asarray(mask, bool)
-    return ndimage.binary_dilation(np.asarray(mask, bool), structure=np.ones((3, 3), bool), iterations=pixels)
+# Image metrics live with the scorer (numpy only); re-exported here for existing callers.
+psnr = scoring.psnr
+dilate = scoring.dilate

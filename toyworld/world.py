@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -42,9 +43,85 @@ GAP = 4             # pixels between the boxes of two objects
 P_SINGLE = 0.6      # share of one-object scenes in the training distribution
 
 
-def color_rgb(name: str) -> np.ndarray:
+def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside test of a base shape in box coordinates u, v in [0, 1] (v downwards)."""
+    if shape == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    if shape == "square":
+        return (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    if shape == "triangle":  # upright isosceles: apex at the top centre, base along the bottom edge
+        return (v >= 0) & (v <= 1) & (np.abs(u - 0.5) <= 0.5 * v)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+MIN_COLOR_DISTANCE = 0.3   # a new colour closer than this (RGB unit cube) to a known one would be misread
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The colours and shapes a scene may use and the checker reads. BASE is the trained world's (what
+    sample_scene draws from and captions name); a technique that teaches a new concept (personalization)
+    extends a copy, e.g. ``BASE.with_color("teal", (0, 150, 150))`` or
+    ``BASE.with_shape("star", inside_fn)``, and passes it to the scenes it renders and to the scorer.
+    Extending never changes BASE, so existing scenes, cases and readings stay as they are."""
+    colors: tuple[tuple[str, tuple[int, int, int]], ...]
+    shapes: tuple[tuple[str, Callable], ...]
+
+    @property
+    def color_names(self) -> list[str]:
+        return [n for n, _ in self.colors]
+
+    @property
+    def shape_names(self) -> list[str]:
+        return [n for n, _ in self.shapes]
+
+    def rgb(self, name: str) -> np.ndarray:
+        """A named colour as float RGB in [0, 1]."""
+        for n, c in self.colors:
+            if n == name:
+                return np.asarray(c, dtype=np.float32) / 255.0
+        raise ValueError(f"unknown colour {name!r} (known: {', '.join(self.color_names)})")
+
+    def palette(self) -> np.ndarray:
+        """(n_colours, 3) float RGB in [0, 1], in color_names order."""
+        return np.stack([np.asarray(c, dtype=np.float32) / 255.0 for _, c in self.colors])
+
+    def inside(self, shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        for n, fn in self.shapes:
+            if n == shape:
+                return fn(u, v)
+        raise ValueError(f"unknown shape {shape!r} (known: {', '.join(self.shape_names)})")
+
+    def with_color(self, name: str, rgb: tuple[int, int, int]) -> "Vocabulary":
+        name = name.lower()
+        if name in self.color_names or name in self.shape_names or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ValueError(f"colour name {name!r} is taken or not one lowercase word")
+        new = np.asarray(rgb, dtype=np.float32) / 255.0
+        d = np.linalg.norm(self.palette() - new[None], axis=1)
+        if d.min() < MIN_COLOR_DISTANCE:
+            raise ValueError(f"colour {name} {tuple(rgb)} is {d.min():.2f} from {self.color_names[int(d.argmin())]} "
+                             f"(at least {MIN_COLOR_DISTANCE} in the RGB unit cube keeps readings unambiguous)")
+        return Vocabulary(self.colors + ((name, tuple(int(x) for x in rgb)),), self.shapes)
+
+    def with_shape(self, name: str, inside: Callable) -> "Vocabulary":
+        """inside(u, v) -> bool array: the shape in box coordinates u, v in [0, 1] (v downwards), inscribed in
+        the square box so the checker's template fit can tell it from the others."""
+        name = name.lower()
+        if name in self.shape_names or name in self.color_names or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ValueError(f"shape name {name!r} is taken or not one lowercase word")
+        return Vocabulary(self.colors, self.shapes + ((name, inside),))
+
+
+def _base_shape(name):
+    return lambda u, v: shape_inside(name, u, v)
+
+
+BASE = Vocabulary(tuple(COLORS.items()), tuple((s, _base_shape(s)) for s in SHAPES))
+
+
+def color_rgb(name: str, vocab: Vocabulary = BASE) -> np.ndarray:
     """A named colour as float RGB in [0, 1]."""
-    return np.asarray(COLORS[name], dtype=np.float32) / 255.0
+    return vocab.rgb(name)
 
 
 @dataclass(frozen=True)
@@ -71,6 +148,7 @@ class Scene:
     objects: tuple[ToyObject, ...]
     seed: int = -1
     size: int = IMAGE_SIZE
+    vocab: Vocabulary = BASE     # the colours and shapes the scene's objects may use
 
     @property
     def caption(self) -> str:
@@ -86,18 +164,21 @@ class Scene:
 
     def masks(self) -> list[np.ndarray]:
         """One (H, W) bool mask per object (pixel centre inside the shape)."""
-        return [coverage(o, self.size, 1) >= 0.5 for o in self.objects]
+        return [coverage(o, self.size, 1, self.vocab) >= 0.5 for o in self.objects]
 
     def coverages(self, supersample: int = 4) -> list[np.ndarray]:
         """One (H, W) float coverage map per object (anti-aliased mask)."""
-        return [coverage(o, self.size, supersample) for o in self.objects]
+        return [coverage(o, self.size, supersample, self.vocab) for o in self.objects]
 
-    def with_object(self, index: int, color: str | None = None, shape: str | None = None) -> "Scene":
-        """The same scene with one object recoloured or reshaped (the ground truth of an edit)."""
+    def with_object(self, index: int, color: str | None = None, shape: str | None = None,
+                    x: int | None = None, y: int | None = None, size: int | None = None) -> "Scene":
+        """The same scene with one object recoloured, reshaped, moved or resized (the ground truth of an
+        edit; a drag edit is `with_object(i, x=..., y=...)`). Objects keep their order."""
         objs = list(self.objects)
         o = objs[index]
-        objs[index] = ToyObject(shape or o.shape, color or o.color, o.x, o.y, o.size)
-        return Scene(self.background, tuple(objs), self.seed, self.size)
+        objs[index] = ToyObject(shape or o.shape, color or o.color, o.x if x is None else int(x),
+                                o.y if y is None else int(y), o.size if size is None else int(size))
+        return Scene(self.background, tuple(objs), self.seed, self.size, self.vocab)
 
 
 @dataclass(frozen=True)
@@ -124,19 +205,19 @@ _CAPTION_RE = re.compile(r"^\s*(?P<objs>.+?)\s+on\s+an?\s+(?P<bg>\w+)\s+backgrou
 _OBJ_RE = re.compile(r"^an?\s+(?P<c>\w+)\s+(?P<s>\w+)$", re.I)
 
 
-def parse_caption(text: str) -> CaptionSpec:
-    """Inverse of caption_for; raises ValueError on text outside the template."""
+def parse_caption(text: str, vocab: Vocabulary = BASE) -> CaptionSpec:
+    """Inverse of caption_for; raises ValueError on text outside the template (or the vocabulary)."""
     m = _CAPTION_RE.match(text)
     if not m:
         raise ValueError(f"not a toy-world caption: {text!r}")
     objs = []
     for part in re.split(r"\s+and\s+", m.group("objs").strip()):
         om = _OBJ_RE.match(part.strip())
-        if not om or om.group("c").lower() not in COLORS or om.group("s").lower() not in SHAPES:
+        if not om or om.group("c").lower() not in vocab.color_names or om.group("s").lower() not in vocab.shape_names:
             raise ValueError(f"not a toy-world object phrase: {part!r} in {text!r}")
         objs.append((om.group("c").lower(), om.group("s").lower()))
     bg = m.group("bg").lower()
-    if bg not in COLORS:
+    if bg not in vocab.color_names:
         raise ValueError(f"unknown background colour {bg!r} in {text!r}")
     return CaptionSpec(bg, tuple(objs))
 
@@ -233,27 +314,16 @@ def _place_pair(rng, objs, size):
 # ---------------------------------------------------------------------------------------------
 # Rendering
 
-def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Inside test in box coordinates u, v in [0, 1] (v downwards)."""
-    if shape == "circle":
-        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    if shape == "square":
-        return (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
-    if shape == "triangle":  # upright isosceles: apex at the top centre, base along the bottom edge
-        return (v >= 0) & (v <= 1) & (np.abs(u - 0.5) <= 0.5 * v)
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def shape_template(shape: str, h: int, w: int, supersample: int = 2) -> np.ndarray:
+def shape_template(shape: str, h: int, w: int, supersample: int = 2, vocab: Vocabulary = BASE) -> np.ndarray:
     """Coverage of `shape` inscribed in an h x w box (used by the checker)."""
     ss = supersample
     ys = (np.arange(h * ss) + 0.5) / (h * ss)
     xs = (np.arange(w * ss) + 0.5) / (w * ss)
-    inside = shape_inside(shape, xs[None, :], ys[:, None]).astype(np.float32)
+    inside = vocab.inside(shape, xs[None, :], ys[:, None]).astype(np.float32)
     return inside.reshape(h, ss, w, ss).mean(axis=(1, 3))
 
 
-def coverage(obj: ToyObject, size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
+def coverage(obj: ToyObject, size: int = IMAGE_SIZE, supersample: int = 4, vocab: Vocabulary = BASE) -> np.ndarray:
     """(size, size) fraction of each pixel covered by the object."""
     ss = supersample
     out = np.zeros((size, size), dtype=np.float32)
@@ -265,16 +335,16 @@ def coverage(obj: ToyObject, size: int = IMAGE_SIZE, supersample: int = 4) -> np
     xs = (np.arange(x0c * ss, x1c * ss) + 0.5) / ss
     u = (xs[None, :] - x0) / obj.size
     v = (ys[:, None] - y0) / obj.size
-    inside = shape_inside(obj.shape, u, v).astype(np.float32)
+    inside = vocab.inside(obj.shape, u, v).astype(np.float32)
     out[y0c:y1c, x0c:x1c] = inside.reshape(y1c - y0c, ss, x1c - x0c, ss).mean(axis=(1, 3))
     return out
 
 
 def render(scene: Scene, supersample: int = 4) -> np.ndarray:
-    img = np.broadcast_to(color_rgb(scene.background), (scene.size, scene.size, 3)).copy()
+    img = np.broadcast_to(scene.vocab.rgb(scene.background), (scene.size, scene.size, 3)).copy()
     for o in scene.objects:
-        a = coverage(o, scene.size, supersample)[..., None]
-        img = img * (1 - a) + color_rgb(o.color) * a
+        a = coverage(o, scene.size, supersample, scene.vocab)[..., None]
+        img = img * (1 - a) + scene.vocab.rgb(o.color) * a
     return img.astype(np.float32)
 
 
