@@ -134,7 +134,7 @@ def test_a_row_traces_to_its_cases(quality, tmp_path, monkeypatch):
     assert len(result["seconds"]) == len(calls) and len(result["recon"]) == 2
     s = editbench.summarize(row, result, plain_seconds=1.0)
     assert s["cells"]["edit success"] == str(scoring.Rate(len(cases), len(cases)))
-    assert s["rates"]["colour near"]["n"] == 4 and s["cells"]["recon PSNR (dB)"] == "∞"
+    assert s["rates"]["colour near"]["n"] == 4 and s["cells"]["recon PSNR (dB)"] == "inf"
 
     monkeypatch.setattr(quality, "RESULTS", str(tmp_path / "q"))
     s["cases_file"] = quality.write_cases(s, result["records"])

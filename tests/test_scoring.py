@@ -30,8 +30,8 @@ def test_cases_fill_every_split_from_few_sources(cases):
     counts = {}
     for c in cases:
         counts[c.split] = counts.get(c.split, 0) + 1
-    assert counts == {"colour near": 48, "colour far": 48, "shape circle↔square": 48,
-                      "shape circle↔triangle": 48, "shape square↔triangle": 48}
+    assert counts == {"colour near": 48, "colour far": 48, "shape circle<->square": 48,
+                      "shape circle<->triangle": 48, "shape square<->triangle": 48}
     seeds = [c.seed for c in cases]
     assert len(set(seeds)) == 72                                   # 24 sources per shape, two swaps each
     for x in set(seeds):                                           # each source's cases are contiguous
@@ -189,7 +189,7 @@ def test_wilson_interval_matches_scipy():
 def test_splits():
     assert scoring.color_split("red", "orange") == "near" and scoring.color_split("blue", "purple") == "near"
     assert scoring.color_split("red", "blue") == "far" and scoring.color_split("white", "yellow") == "far"
-    assert scoring.shape_pair("triangle", "circle") == scoring.shape_pair("circle", "triangle") == "circle↔triangle"
+    assert scoring.shape_pair("triangle", "circle") == scoring.shape_pair("circle", "triangle") == "circle<->triangle"
 
 
 def test_vocabulary_extends_without_changing_the_base():

@@ -54,7 +54,7 @@ class EditCase:
 
     @property
     def split(self) -> str:
-        """"colour near" / "colour far" by RGB distance, "shape circle↔square" etc. by unordered pair."""
+        """"colour near" / "colour far" by RGB distance, "shape circle<->square" etc. by unordered pair."""
         a, b = self.source.objects[self.index], self.target.objects[self.index]
         if self.kind == "colour":
             return "colour " + scoring.color_split(a.color, b.color, self.source.vocab)
@@ -82,7 +82,7 @@ def edit_cases(per_split: int = 48, seed0: int = 50_000, n_objects: int = 1) -> 
     n_objects=2 (local edits) the edited object is drawn per source and a new colour never repeats the
     other object's."""
     need = {s: per_split for s in COLOUR_SPLITS + tuple(shape_splits())}
-    # A source of shape a feeds the pairs a↔b and a↔c: sources balanced over shapes (per_split / 2 each,
+    # A source of shape a feeds the pairs a<->b and a<->c: sources balanced over shapes (per_split / 2 each,
     # the seed's object reshaped when its shape has enough) fill every pair with the fewest sources (each
     # source is one inversion for the expensive methods).
     shape_quota = {s: -(-per_split // 2) for s in world.SHAPES}
@@ -433,7 +433,7 @@ def _mean(xs) -> float:
 def _fmt(x: float, digits: int = 2) -> str:
     if math.isnan(x):
         return "n/a"
-    return "∞" if math.isinf(x) else f"{x:.{digits}f}"
+    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
 
 
 MAIN_COLUMNS = ["technique", "settings", "edit success", "colour near", "colour far", "shape swaps",

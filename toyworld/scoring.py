@@ -100,10 +100,10 @@ def color_split(a: str, b: str, vocab: Vocabulary = world.BASE) -> str:
 
 
 def shape_pair(a: str, b: str, vocab: Vocabulary = world.BASE) -> str:
-    """Unordered label of a shape swap in vocabulary order, e.g. "circle↔triangle" for either direction."""
+    """Unordered label of a shape swap in vocabulary order, e.g. "circle<->triangle" for either direction."""
     order = vocab.shape_names
     x, y = sorted((a, b), key=order.index)
-    return f"{x}↔{y}"
+    return f"{x}<->{y}"
 
 
 # ---------------------------------------------------------------------------------------------
