@@ -26,6 +26,28 @@ TINY_CLIP_VISION = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "qui
                     "num_channels": 3, "num_hidden_layers": 2, "patch_size": 32, "projection_dim": 64}
 
 
+# What a file's declared config may say (checked with its tensors' shapes BEFORE a constructor allocates).
+CLIP_VISION_BOUNDS = {"hidden_size": 1664, "intermediate_size": 8192, "num_hidden_layers": 48, "num_attention_heads": 32,
+                      "image_size": 448, "patch_size": 32, "projection_dim": 1664, "num_channels": 3}
+CONTROLNET_BOUNDS = {"model_channels": 448, "in_channels": 16, "context_dim": 4096, "hint_channels": 16,
+                     "image_size": 512}
+
+
+def check_declared(kind: str, declared, from_shapes: dict, bounds: dict) -> None:
+    """Refuse a declared config that is not an object, exceeds `bounds` or disagrees with the shapes."""
+    if not isinstance(declared, dict):
+        raise ValueError(f"its {kind} config metadata is not an object")
+    for key, hi in bounds.items():
+        v = declared.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi:
+            raise ValueError(f"its metadata declares {kind} {key} = {v!r} (allowed 1..{hi})")
+    for key, v in from_shapes.items():
+        if key in declared and declared[key] != v:
+            raise ValueError(f"its metadata declares {kind} {key} = {declared[key]!r} but its tensors have {v}")
+
+
 def _init(module, seed, std=0.02):
     from ..builtin_models.tiny import init_weights
     return init_weights(module, seed, std)
@@ -99,7 +121,12 @@ def load_clip_vision(path: str):
     meta = _metadata(path)
     if CLIP_VISION_KEY in meta:
         sd, _ = _read(path)
-        return clip_vision_from_state_dict(sd, json.loads(meta[CLIP_VISION_KEY]))
+        declared = json.loads(meta[CLIP_VISION_KEY])
+        shapes = clip_vision_config_from_shapes(sd) or {}
+        shapes = {k: shapes[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "patch_size",
+                                         "image_size", "projection_dim") if k in shapes}
+        check_declared("CLIP vision", declared, shapes, CLIP_VISION_BOUNDS)
+        return clip_vision_from_state_dict(sd, declared)
     core = comfy.clip_vision.load(path)
     if core is not None:
         return core
@@ -158,7 +185,16 @@ def load_controlnet(path: str, model=None):
     meta = _metadata(path)
     if CONTROLNET_KEY in meta:
         sd, _ = _read(path)
-        return controlnet_from_state_dict(sd, json.loads(meta[CONTROLNET_KEY]))
+        declared = json.loads(meta[CONTROLNET_KEY])
+        shapes = {}
+        w = sd.get("input_blocks.0.0.weight")
+        if torch.is_tensor(w) and w.ndim == 4:
+            shapes = {"model_channels": int(w.shape[0]), "in_channels": int(w.shape[1])}
+        h = sd.get("input_hint_block.0.weight")
+        if torch.is_tensor(h) and h.ndim == 4:
+            shapes["hint_channels"] = int(h.shape[1])
+        check_declared("ControlNet", declared, shapes, CONTROLNET_BOUNDS)
+        return controlnet_from_state_dict(sd, declared)
     return comfy.controlnet.load_controlnet(path, model=model) if model is not None else comfy.controlnet.load_controlnet(path)
 
 

@@ -73,16 +73,28 @@ def positions(clip, prompt: str, words: list[str], family: str, node: str, input
 
 
 def _word_spans(tk: Tokens, words: list[str], node: str, prompt_name: str) -> list[list[int]]:
-    """Token positions of each whitespace-separated word, walking the tokenized prompt."""
+    """Token positions of each whitespace-separated word, walking the tokenized prompt.
+
+    A prompt over 75 tokens continues in further 77-token chunks: the END/padding of one chunk and the
+    START of the next are skipped (ComfyUI moves a word that does not fit into the next chunk, and
+    splits only very long words, whose tokens are then found on both sides of the boundary)."""
     pos = tk.content_start()
     spans = []
     for w in words:
         wid = tk.word_ids(w)
-        if not wid or tk.ids[pos:pos + len(wid)] != wid:
+        span = []
+        for t in wid:
+            while pos < len(tk.ids) and tk.ids[pos] != t and tk.ids[pos] in tk.specials:
+                pos += 1
+            if pos >= len(tk.ids) or tk.ids[pos] != t:
+                span = None
+                break
+            span.append(pos)
+            pos += 1
+        if not wid or span is None:
             raise EditKitInputError(node, prompt_name, f"could not align the word '{w}' of the {prompt_name} with its tokens",
                                     "avoid prompt weighting syntax and embeddings here, or use mode 'refine'")
-        spans.append(list(range(pos, pos + len(wid))))
-        pos += len(wid)
+        spans.append(span)
     return spans
 
 
@@ -105,6 +117,14 @@ def replace_mapper(clip, source: str, target: str, family: str, node: str = "Edi
         else:
             for j in b:
                 g[a, j] = 1.0 / len(b)
+    # chunk boundaries before the last word (END, padding, the next chunk's START): to the same position
+    # of the source when that is a special token too (both prompts have the same chunk count)
+    covered = {j for b in st for j in b}
+    last_t = st[-1][-1] if st else 0
+    for j in range(1, last_t):
+        if j not in covered and tt.ids[j] in tt.specials:
+            i = j if j < len(ts) and ts.ids[j] in ts.specials else min(j, len(ts) - 1)
+            g[i, j] = 1.0
     es = (ss[-1][-1] + 1) if ss else ts.content_start()
     et = (st[-1][-1] + 1) if st else tt.content_start()
     i, j = es, et

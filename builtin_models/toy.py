@@ -206,10 +206,74 @@ def _check_companion(path: str, meta: dict, companion_path: str, companion_meta:
                          "`scripts/train_toy.py --phase weak` after the toy model")
 
 
+# Bounds on what a toy file may declare (the shipped model: 64 channels, 4-layer 64-d CLIP, 32-channel VAE).
+# Checked with the file's header shapes BEFORE any constructor allocates (a file declaring 512 channels
+# once allocated 1.4 GB before a raw size-mismatch error).
+CONFIG_BOUNDS = {
+    "unet_config": {"model_channels": 256, "in_channels": 16, "out_channels": 16, "context_dim": 1024,
+                    "image_size": 64, "num_heads": 16},
+    "clip_config": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 16,
+                    "num_hidden_layers": 12, "projection_dim": 512},
+}
+VAE_BOUNDS = {"ch": 128, "z_channels": 16, "in_channels": 4, "out_ch": 4, "resolution": 512}
+
+
+def _bounded(where: str, cfg, bounds: dict) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"its metadata has no {where} object")
+    for key, hi in bounds.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not (0 < v <= hi):
+            raise ValueError(f"its metadata declares {where}.{key} = {v!r} (a toy model allows 1..{hi})")
+    for key in ("num_res_blocks", "channel_mult", "transformer_depth", "transformer_depth_output", "ch_mult"):
+        v = cfg.get(key)
+        if isinstance(v, list) and (len(v) > 8 or any(not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= 8 for x in v)):
+            raise ValueError(f"its metadata declares {where}.{key} = {v!r} (at most 8 entries of 0..8)")
+
+
+def check_declared(path: str, meta: dict, with_unet: bool = True, with_rest: bool = True) -> None:
+    """Refuse a toy file whose declared configs exceed CONFIG_BOUNDS or disagree with its tensors' shapes
+    (read from the safetensors header only; nothing is allocated). Raises ValueError saying which."""
+    from safetensors import safe_open
+    name = os.path.basename(path)
+    try:
+        if with_unet:
+            _bounded("unet_config", meta.get("unet_config"), CONFIG_BOUNDS["unet_config"])
+        if with_rest:
+            _bounded("clip_config", meta.get("clip_config"), CONFIG_BOUNDS["clip_config"])
+            vae = meta.get("vae_config")
+            _bounded("vae_config", vae, {"embed_dim": 16})
+            _bounded("vae_config.ddconfig", (vae or {}).get("ddconfig"), VAE_BOUNDS)
+    except ValueError as e:
+        raise ValueError(f"{name} is not a valid toy model file: {e}") from None
+    expect = {}
+    if with_unet:
+        u = meta["unet_config"]
+        expect[UNET_PREFIX + "input_blocks.0.0.weight"] = [u.get("model_channels"), u.get("in_channels"), 3, 3]
+        expect[UNET_PREFIX + "out.2.weight"] = [u.get("out_channels"), u.get("model_channels"), 3, 3]
+    if with_rest:
+        c, d = meta["clip_config"], meta["vae_config"]["ddconfig"]
+        expect[CLIP_PREFIX + "text_model.embeddings.position_embedding.weight"] = [77, c.get("hidden_size")]
+        expect[CLIP_PREFIX + "text_model.encoder.layers.0.mlp.fc1.weight"] = [c.get("intermediate_size"), c.get("hidden_size")]
+        expect[VAE_PREFIX + "encoder.conv_in.weight"] = [d.get("ch"), d.get("in_channels"), 3, 3]
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        for key, shape in expect.items():
+            if key not in keys:
+                raise ValueError(f"{name} is not a valid toy model file: tensor {key!r} is missing")
+            got = list(f.get_slice(key).get_shape())
+            if got != shape:
+                raise ValueError(f"{name} is not a valid toy model file: its metadata implies {key} of shape {shape}, "
+                                 f"the file holds {got}")
+
+
 def load_unet(path: str, meta: dict | None = None, sd: dict | None = None, dtype=torch.float32):
     """The MODEL stored under `unet.` in a toy file (full or UNet-only), with its config and latent format."""
     import comfy.utils
     meta = meta if meta is not None else read_metadata(path)
+    check_declared(path, meta, with_unet=True, with_rest=False)
     sd = sd if sd is not None else comfy.utils.load_torch_file(path)
     model = build_unet(meta["latent"], dtype=dtype, config=meta["unet_config"])
     unet_sd = {k: v.to(dtype) for k, v in _split(sd, UNET_PREFIX).items()}
@@ -268,6 +332,7 @@ def file_sha256(path: str) -> str:
 
 def _load_full(path: str, meta: dict, dtype, with_unet: bool = True):
     import comfy.utils
+    check_declared(path, meta, with_unet=with_unet, with_rest=True)
     sd = comfy.utils.load_torch_file(path)
     model = load_unet(path, meta, sd, dtype) if with_unet else None
     clip = build_clip(config=meta["clip_config"])
@@ -290,6 +355,32 @@ def load_toy_cached(path: str = DEFAULT_PATH, dtype=torch.float32):
         _CACHE.clear()
         _CACHE[key] = load_toy(path, dtype)
     return _CACHE[key]
+
+
+# The sizes the toy UNet serves: trained at 128x128 px (16x16 latents); three levels need sides that are
+# multiples of 4 latents. A sampler given anything else fails at once (an 8192x8192 latent once took
+# 11 GB with the sampler stuck at step 0).
+LATENT_SIDES = (4, 64)
+
+
+def check_latent_size(shape, node: str = "EditKitToyModelLoader") -> None:
+    from ..core.errors import EditKitInputError
+    h, w = int(shape[-2]), int(shape[-1])
+    lo, hi = LATENT_SIDES
+    if not (lo <= h <= hi and lo <= w <= hi) or h % 4 or w % 4:
+        raise EditKitInputError(node, "weights", f"the toy model was given a {w * 8}x{h * 8} px latent ({w}x{h}); it serves "
+                                f"{lo * 8}..{hi * 8} px sides in steps of 32 and was trained at 128x128",
+                                "use an Empty Latent Image / Image Scale of 128x128")
+
+
+def install_size_guard(model) -> None:
+    """OUTER_SAMPLE wrapper on the toy MODEL: check the latent size before the sampler allocates anything."""
+    import comfy.patcher_extension as pe
+
+    def guard(executor, noise, latent_image, *args, **kwargs):
+        check_latent_size(latent_image.shape)
+        return executor(noise, latent_image, *args, **kwargs)
+    model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "editkit.toy_size_guard", guard)
 
 
 def encode(clip, text: str):

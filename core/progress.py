@@ -3,6 +3,13 @@ with its latent previews, as KSampler shows them (the preview method is the user
 from __future__ import annotations
 
 
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel (/interrupt): every EditKit
+    loop calls this per model evaluation (BranchGuider.predict, gradients.Env.denoise, StepProgress)."""
+    import comfy.model_management
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
 class StepProgress:
     def __init__(self, model, total: int):
         import comfy.utils
@@ -15,6 +22,7 @@ class StepProgress:
 
     def update(self, n: int = 1, x0=None) -> None:
         """Advance by n; x0 (the current clean-latent estimate, sampler space) becomes the preview."""
+        check_interrupt()
         self.done = min(self.done + n, self.total)
         preview = None
         if self.previewer is not None and x0 is not None and not getattr(x0, "is_nested", False):

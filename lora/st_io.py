@@ -46,9 +46,46 @@ def read_header(path: str) -> tuple[dict, int, dict]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError(f"{os.path.basename(path)} is not a safetensors file (header size {n})")
-        header = json.loads(f.read(n))
+        raw_header = f.read(n)
+    name = os.path.basename(path)
+    if len(raw_header) != n:
+        raise ValueError(f"{name} is not a valid safetensors file (its header is cut short)")
+    try:
+        header = json.loads(raw_header)
+    except ValueError:
+        raise ValueError(f"{name} is not a valid safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{name} is not a valid safetensors file (its header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name} is not a valid safetensors file (its metadata is not an object)")
+    check_entries(name, header, os.path.getsize(path) - (8 + n))
     return header, 8 + n, meta
+
+
+def check_entries(name: str, entries: dict, data_size: int) -> None:
+    """Every entry's dtype, shape and data_offsets agree with each other and lie inside the data buffer
+    (checked before anything is allocated; a file with lying offsets is refused, not half-read)."""
+    for key, e in entries.items():
+        if not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
+            raise ValueError(f"{name}: tensor {key!r} has an unsupported or missing dtype "
+                             f"({e.get('dtype') if isinstance(e, dict) else e!r})")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+            raise ValueError(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or any(not isinstance(o, int) or isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]):
+            raise ValueError(f"{name}: tensor {key!r} has invalid data offsets {offs!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        want = numel * torch.empty((), dtype=_DTYPES[e["dtype"]]).element_size()
+        if offs[1] - offs[0] != want:
+            raise ValueError(f"{name}: tensor {key!r} declares shape {shape} ({want} bytes) but its data offsets "
+                             f"span {offs[1] - offs[0]} bytes")
+        if offs[1] > data_size:
+            raise ValueError(f"{name}: tensor {key!r} ends at byte {offs[1]} of a {data_size}-byte data buffer "
+                             "(the file is truncated or its header lies)")
 
 
 def read_metadata(path: str) -> dict:

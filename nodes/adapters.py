@@ -4,10 +4,12 @@ from __future__ import annotations
 import folder_paths
 import torch
 from .api import io
+from .base import EditKitNode
 
 from ..adapters import control as C
 from ..adapters import demo_models
 from ..adapters import ipadapter as IPA
+from ..core import files
 from ..core.errors import EditKitInputError, require
 from ..core.introspect import require_architecture
 
@@ -41,7 +43,7 @@ def _mask(mask, node: str, input_name: str):
     return m.clamp(0.0, 1.0).cpu()
 
 
-class IPAdapterLoader(io.ComfyNode):
+class IPAdapterLoader(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -63,15 +65,16 @@ class IPAdapterLoader(io.ComfyNode):
     def execute(cls, ipadapter_file) -> io.NodeOutput:
         node = "EditKitIPAdapterLoader"
         path = _path(node, "ipadapter_file", IPA.FOLDER, ipadapter_file)
-        try:
-            adapter = IPA.load(path)
-        except IPA.UnknownAdapter as e:
-            raise EditKitInputError(node, "ipadapter_file", f"{ipadapter_file} is not an IP-Adapter EditKit knows: {e}",
-                                    "use an SD1.5 / SDXL IP-Adapter base, plus, plus-face or full-face file") from None
+        with files.loader_errors(node, "ipadapter_file", ipadapter_file):
+            try:
+                adapter = IPA.load(path)
+            except IPA.UnknownAdapter as e:
+                raise EditKitInputError(node, "ipadapter_file", f"{ipadapter_file} is not an IP-Adapter EditKit knows: {e}",
+                                        "use an SD1.5 / SDXL IP-Adapter base, plus, plus-face or full-face file") from None
         return io.NodeOutput(adapter)
 
 
-class TinyCLIPVisionLoader(io.ComfyNode):
+class TinyCLIPVisionLoader(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -93,14 +96,15 @@ class TinyCLIPVisionLoader(io.ComfyNode):
     @classmethod
     def execute(cls, clip_name) -> io.NodeOutput:
         node = "EditKitTinyCLIPVisionLoader"
-        cv = demo_models.load_clip_vision(_path(node, "clip_name", "clip_vision", clip_name))
+        with files.loader_errors(node, "clip_name", clip_name):
+            cv = demo_models.load_clip_vision(_path(node, "clip_name", "clip_vision", clip_name))
         if cv is None:
             raise EditKitInputError(node, "clip_name", f"{clip_name} is not a CLIP vision model",
                                     "pick a CLIP vision .safetensors file")
         return io.NodeOutput(cv)
 
 
-class IPAdapterApply(io.ComfyNode):
+class IPAdapterApply(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -160,7 +164,7 @@ class IPAdapterApply(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-class TinyControlNetLoader(io.ComfyNode):
+class TinyControlNetLoader(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -181,14 +185,15 @@ class TinyControlNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, control_net_name) -> io.NodeOutput:
         node = "EditKitTinyControlNetLoader"
-        cn = demo_models.load_controlnet(_path(node, "control_net_name", "controlnet", control_net_name))
+        with files.loader_errors(node, "control_net_name", control_net_name):
+            cn = demo_models.load_controlnet(_path(node, "control_net_name", "controlnet", control_net_name))
         if cn is None:
             raise EditKitInputError(node, "control_net_name", f"{control_net_name} is not a ControlNet ComfyUI can read",
                                     "pick a ControlNet / T2I-Adapter / Control-LoRA file")
         return io.NodeOutput(cn)
 
 
-class ControlSchedule(io.ComfyNode):
+class ControlSchedule(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

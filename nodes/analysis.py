@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from . import feedback
 from .api import io
+from .base import EditKitNode
 
 from ..attention import alignment
 from ..attention.maps import CrossAttentionMapStore, install_capture, select_levels
@@ -16,7 +17,7 @@ AttentionMaps = io.Custom("EDITKIT_ATTENTION_MAPS")
 LEVELS = ["coarsest two", "coarsest", "all"]
 
 
-class AttentionMapsCapture(io.ComfyNode):
+class AttentionMapsCapture(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -87,7 +88,7 @@ class AttentionMapsCapture(io.ComfyNode):
         return io.NodeOutput(m, store)
 
 
-class AttentionMapsShow(io.ComfyNode):
+class AttentionMapsShow(EditKitNode):
     EDITKIT_SHOWS = ("image",)
     @classmethod
     def define_schema(cls):

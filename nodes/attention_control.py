@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from .api import io
+from .base import EditKitNode
 
 from ..attention import alignment
 from ..attention.controller import default_start_layer, install, layers_of
@@ -66,7 +67,7 @@ def encode_batch(clip, prompts: list[str], node: str = "EditKitPromptBatch"):
     return [[cond, opts]]
 
 
-class PromptBatch(io.ComfyNode):
+class PromptBatch(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -155,7 +156,7 @@ def build_prompt_to_prompt(model, clip, source_prompt, target_prompt, mode, cros
     return PromptToPrompt(plans, cross_replace_steps, self_replace_steps, self_levels, blend, level, blend_threshold)
 
 
-class PromptToPromptNode(io.ComfyNode):
+class PromptToPromptNode(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -208,7 +209,7 @@ class PromptToPromptNode(io.ComfyNode):
 # MasaCtrl
 # ---------------------------------------------------------------------------------------------
 
-class MasaCtrlNode(io.ComfyNode):
+class MasaCtrlNode(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -275,7 +276,7 @@ class MasaCtrlNode(io.ComfyNode):
 # Plug-and-Play
 # ---------------------------------------------------------------------------------------------
 
-class PlugAndPlayNode(io.ComfyNode):
+class PlugAndPlayNode(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -334,7 +335,7 @@ class PlugAndPlayNode(io.ComfyNode):
 # StyleAligned
 # ---------------------------------------------------------------------------------------------
 
-class StyleAlignedNode(io.ComfyNode):
+class StyleAlignedNode(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -386,7 +387,7 @@ class StyleAlignedNode(io.ComfyNode):
 # Reference attention
 # ---------------------------------------------------------------------------------------------
 
-class ReferenceAttentionNode(io.ComfyNode):
+class ReferenceAttentionNode(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

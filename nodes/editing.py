@@ -4,6 +4,7 @@ from __future__ import annotations
 import comfy.sample
 import comfy.samplers
 from .api import io
+from .base import EditKitNode
 
 from ..core import denoiser
 from ..core.errors import EditKitInputError, require
@@ -11,7 +12,7 @@ from ..core.introspect import model_sampling
 from ..samplers.sdedit import PreparedNoise, sdedit_sigmas, sdedit_start
 
 
-class SDEdit(io.ComfyNode):
+class SDEdit(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import feedback
 from .api import io
+from .base import EditKitNode
 
 from ..core.errors import EditKitInputError, require
 from ..guidance import cfgpp, plot, schedules as S, terms as T
@@ -20,7 +21,7 @@ LAYERS_TOOLTIP = ("Which attention layers to perturb: 'auto' (the UNet middle bl
                   "the model when the guider is built.")
 
 
-class GuidanceSchedule(io.ComfyNode):
+class GuidanceSchedule(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -88,7 +89,7 @@ def _sched(schedule):
     return schedule if schedule is not None else S.CONSTANT_ONE
 
 
-class TermCFG(io.ComfyNode):
+class TermCFG(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -103,7 +104,7 @@ class TermCFG(io.ComfyNode):
         return _append(previous, T.CFGTerm(_sched(schedule)))
 
 
-class TermRescale(io.ComfyNode):
+class TermRescale(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -120,7 +121,7 @@ class TermRescale(io.ComfyNode):
         return _append(previous, T.RescaleTerm(_sched(schedule), phi))
 
 
-class TermAPG(io.ComfyNode):
+class TermAPG(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -145,7 +146,7 @@ class TermAPG(io.ComfyNode):
         return _append(previous, T.APGTerm(_sched(schedule), eta, norm_threshold, momentum))
 
 
-class TermDynamicThreshold(io.ComfyNode):
+class TermDynamicThreshold(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -166,7 +167,7 @@ class TermDynamicThreshold(io.ComfyNode):
         return _append(previous, T.DynamicThresholdTerm(_sched(schedule), percentile, mimic_scale))
 
 
-class TermPerpNeg(io.ComfyNode):
+class TermPerpNeg(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -186,7 +187,7 @@ class TermPerpNeg(io.ComfyNode):
         return _append(previous, T.PerpNegTerm(_sched(schedule), empty_conditioning, neg_scale))
 
 
-class TermSAG(io.ComfyNode):
+class TermSAG(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -205,7 +206,7 @@ class TermSAG(io.ComfyNode):
         return _append(previous, T.SAGTerm(_sched(schedule), scale, blur_sigma, layers))
 
 
-class TermPAG(io.ComfyNode):
+class TermPAG(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -224,7 +225,7 @@ class TermPAG(io.ComfyNode):
         return _append(previous, T.PAGTerm(_sched(schedule), scale, layers))
 
 
-class TermCADS(io.ComfyNode):
+class TermCADS(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -250,7 +251,7 @@ class TermCADS(io.ComfyNode):
         return _append(previous, T.CADSTerm(_sched(schedule), noise_scale, tau1, tau2, psi, noise_negative, seed))
 
 
-class TermAutoGuidance(io.ComfyNode):
+class TermAutoGuidance(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -286,7 +287,7 @@ def resolve_sites(model, guidance_terms, node: str, input_name: str = "terms") -
     return sites
 
 
-class Guider(io.ComfyNode):
+class Guider(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -316,7 +317,7 @@ class Guider(io.ComfyNode):
         return io.NodeOutput(g)
 
 
-class SamplerCFGPP(io.ComfyNode):
+class SamplerCFGPP(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -335,7 +336,7 @@ class SamplerCFGPP(io.ComfyNode):
         return io.NodeOutput(cfgpp.sampler(solver))
 
 
-class CFGSchedule(io.ComfyNode):
+class CFGSchedule(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -357,7 +358,7 @@ class CFGSchedule(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-class GuidancePlot(io.ComfyNode):
+class GuidancePlot(EditKitNode):
     EDITKIT_SHOWS = ("image",)
     @classmethod
     def define_schema(cls):

@@ -7,6 +7,7 @@ import comfy.samplers
 import torch
 from . import feedback
 from .api import io
+from .base import EditKitNode
 
 from ..core import introspect
 from ..core.errors import EditKitInputError, require
@@ -125,7 +126,7 @@ def _settings(**kw):
 # Nodes
 # ---------------------------------------------------------------------------------------------
 
-class Invert(io.ComfyNode):
+class Invert(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -158,7 +159,7 @@ class Invert(io.ComfyNode):
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
-class NullTextInversion(io.ComfyNode):
+class NullTextInversion(EditKitNode):
     EDITKIT_SHOWS = ("text",)
     @classmethod
     def define_schema(cls):
@@ -211,7 +212,7 @@ class NullTextInversion(io.ComfyNode):
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv, used, ui=feedback.show(cls, text=text))
 
 
-class NegativePromptInversion(io.ComfyNode):
+class NegativePromptInversion(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -245,7 +246,7 @@ class NegativePromptInversion(io.ComfyNode):
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
-class EDICT(io.ComfyNode):
+class EDICT(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -277,7 +278,7 @@ class EDICT(io.ComfyNode):
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
-class DirectInversion(io.ComfyNode):
+class DirectInversion(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -304,7 +305,7 @@ class DirectInversion(io.ComfyNode):
         return io.NodeOutput(inversion.with_changes(direct=True))
 
 
-class DDPMInversion(io.ComfyNode):
+class DDPMInversion(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -345,7 +346,7 @@ class DDPMInversion(io.ComfyNode):
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv, {"samples": maps})
 
 
-class RFInversion(io.ComfyNode):
+class RFInversion(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -389,7 +390,7 @@ class RFInversion(io.ComfyNode):
         return io.NodeOutput({"samples": latent_out(model, inv)}, inv)
 
 
-class InversionSampler(io.ComfyNode):
+class InversionSampler(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -437,7 +438,7 @@ class InversionSampler(io.ComfyNode):
         return io.NodeOutput(ZeroNoise(), guider, sampler, sigmas, latent)
 
 
-class ReconstructionError(io.ComfyNode):
+class ReconstructionError(EditKitNode):
     EDITKIT_SHOWS = ("image", "text")   # the heat map and PSNR/SSIM on the node (nodes/feedback.py)
     @classmethod
     def define_schema(cls):

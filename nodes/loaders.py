@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from .api import io
+from .base import EditKitNode
 
 from ..builtin_models import tiny
 
 
-class TinyModelLoader(io.ComfyNode):
+class TinyModelLoader(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

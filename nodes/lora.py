@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import uuid
+import weakref
 
 import folder_paths
 from . import feedback
 from .api import io
+from .base import EditKitNode
 
+from ..core import files
 from ..core.errors import EditKitInputError, require
 
 LoraModel = io.Custom("LORA_MODEL")   # core's type (TrainLoraNode, LoraModelLoader, SaveLoRA)
@@ -34,6 +37,13 @@ def _torch_dtype(name):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def _open_lora_file(node: str, input_name: str, name: str):
     """A LoRA file from the loras folder: safetensors are read lazily, other formats loaded whole."""
     path = folder_paths.get_full_path("loras", name)
@@ -42,12 +52,14 @@ def _open_lora_file(node: str, input_name: str, name: str):
                                 "pick a file from the list (refresh after adding files)")
     if path.endswith(".safetensors"):
         from ..lora.st_io import SafetensorsFile
-        return SafetensorsFile(path)
-    import comfy.utils
-    return comfy.utils.load_torch_file(path, safe_load=True)
+        try:
+            return SafetensorsFile(path)
+        except (ValueError, OSError) as e:
+            raise EditKitInputError(node, input_name, f"{name!r} cannot be read: {e}", files.SAFE_HINT) from None
+    return files.load_weights(path, node, input_name)
 
 
-class LoraMerge(io.ComfyNode):
+class LoraMerge(EditKitNode):
     EDITKIT_SHOWS = ("image", "text")   # the merge chart and statistics (nodes/feedback.py)
     @classmethod
     def define_schema(cls):
@@ -151,6 +163,8 @@ class LoraMerge(io.ComfyNode):
             where = sources[e.index][0] if e.index is not None else "method"
             raise EditKitInputError(node, where, str(e), "use LoRAs made for this model") from None
         lora = load_mapped(path)
+        # the temp file lives as long as the LORA_MODEL mapping it (ComfyUI's cache drops it: file removed)
+        weakref.finalize(lora, _remove_quietly, path)
         title = (f"{method}, energy kept {100 * report.energy_kept():.1f}%, {len(report.stats)} weights\n" +
                  ", ".join(f"{s[1]} (w={s[3]:g})" for s in sources))
         image = stats.draw(report.per_block(), title)
@@ -158,7 +172,7 @@ class LoraMerge(io.ComfyNode):
         return io.NodeOutput(lora, image, summary, ui=feedback.show(cls, text=summary, images=image))
 
 
-class LoraBlockWeight(io.ComfyNode):
+class LoraBlockWeight(EditKitNode):
     EDITKIT_SHOWS = ("text",)
     @classmethod
     def define_schema(cls):
@@ -212,7 +226,7 @@ class LoraBlockWeight(io.ComfyNode):
                     "pick a LoRA file or connect a LORA_MODEL to `lora`")
             path = folder_paths.get_full_path("loras", lora_name)
             require(path is not None, node, "lora_name", f"{lora_name!r} is not in the loras folder")
-            sd = comfy.utils.load_torch_file(path, safe_load=True)
+            sd = files.load_weights(path, node, "lora_name")
         else:
             sd = lora
         lay = blocks.layout(model)
@@ -230,7 +244,7 @@ class LoraBlockWeight(io.ComfyNode):
         return io.NodeOutput(patched_model, patched_clip, text, ui=feedback.show(cls, text=text))
 
 
-class LoraSave(io.ComfyNode):
+class LoraSave(EditKitNode):
     EDITKIT_SHOWS = ("text",)
     @classmethod
     def define_schema(cls):
@@ -255,17 +269,24 @@ class LoraSave(io.ComfyNode):
         from ..lora import st_io
         node = "EditKitLoraSave"
         require(len(lora) > 0, node, "lora", "the LoRA is empty")
-        prefix = (filename_prefix or "editkit_merged").strip().lstrip("/\\")
+        prefix = (filename_prefix or "editkit_merged").strip()
         # The first loras folder is where Load LoRA looks by default (models/loras, or extra_model_paths' default).
         loras_dir = folder_paths.get_folder_paths("loras")[0]
+        # inside models/loras/editkit/ only: '..', absolute paths, NUL bytes, over-long names are refused
+        files.save_path(os.path.join(loras_dir, "editkit"), prefix, node, "filename_prefix")
         try:
             folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(os.path.join("editkit", prefix), loras_dir)
+            os.makedirs(folder, exist_ok=True)
         except Exception as e:
-            raise EditKitInputError(node, "filename_prefix", str(e), "use a plain file name") from None
-        os.makedirs(folder, exist_ok=True)
+            raise EditKitInputError(node, "filename_prefix", f"cannot save under {prefix!r} ({type(e).__name__})",
+                                    "use a plain file name such as 'editkit_merged'") from None
         path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
         meta = dict(getattr(lora, "info", None) or {})
-        st_io.save(lora, path, meta)
+        try:
+            st_io.save(lora, path, meta)
+        except OSError as e:
+            raise EditKitInputError(node, "filename_prefix", f"cannot write {os.path.basename(path)!r} ({e.strerror or e})",
+                                    "use a shorter plain file name") from None
         name = os.path.relpath(path, loras_dir).replace(os.sep, "/")
         return io.NodeOutput(name, ui=feedback.show(cls, text=f"saved models/loras/{name}\n(Load LoRA lists it as {name})"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from .api import io
+from .base import EditKitNode
 
 from ..builtin_models import toy
 from ..core.errors import EditKitInputError
@@ -23,7 +24,9 @@ def weight_files() -> list[str]:
     d = os.path.dirname(toy.DEFAULT_PATH)
     files = set(f for f in os.listdir(d) if f.endswith(".safetensors")) if os.path.isdir(d) else set()
     files |= set(_folder_paths_files())
-    return sorted(files) or [os.path.basename(toy.DEFAULT_PATH)]
+    default = os.path.basename(toy.DEFAULT_PATH)
+    # the shipped model first (the dropdown's default), whatever else sorts before it
+    return sorted(files, key=lambda f: (f != default, f)) or [default]
 
 
 def resolve(name: str) -> str | None:
@@ -36,7 +39,7 @@ def resolve(name: str) -> str | None:
     return None
 
 
-class ToyModelLoader(io.ComfyNode):
+class ToyModelLoader(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -87,6 +90,8 @@ class ToyModelLoader(io.ComfyNode):
             model, clip, vae = toy.load_toy(path, companion_path=companion_path)
         except ValueError as e:
             raise EditKitInputError(NODE, "weights", str(e), "restore models/toy/ from git or run `make toy-model`") from None
+        model = model.clone()
+        toy.install_size_guard(model)
         return io.NodeOutput(model, clip, vae)
 
 

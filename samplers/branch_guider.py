@@ -17,6 +17,7 @@ Used by the inversion methods (samplers/methods/) and the replay driver (sampler
 """
 from __future__ import annotations
 
+from ..core.progress import check_interrupt
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -141,6 +142,7 @@ class BranchGuider(comfy.samplers.CFGGuider):
     def predict(self, x, ts, positive, negative, model_options: dict) -> list:
         """Raw [cond_x0, uncond_x0] for processed cond lists (either may be None), honouring ComfyUI's
         calc-cond-batch function and pre-CFG functions."""
+        check_interrupt()
         conds = [positive, negative]
         mo = model_options
         if "sampler_calc_cond_batch_function" in mo:

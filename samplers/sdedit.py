@@ -12,14 +12,20 @@ import torch
 from ..core import denoiser
 
 
+MAX_FULL_SCHEDULE = 10_000  # grid points of the full schedule the tail is cut from (KSampler-like)
+
+
 def sdedit_sigmas(ms, full_schedule_fn, steps: int, t0: float) -> torch.Tensor:
     """Remaining schedule from sigma(t0) to 0 with `steps` steps.
 
     Built like KSampler's `denoise`: a full schedule of int(steps / t0) steps, keep the last
     steps + 1 entries, and pin the first to sigma(t0) exactly, so the start noise level is the
     one the strength names and KSampler(denoise=t0) runs the same tail.
+
+    The full schedule is bounded (MAX_FULL_SCHEDULE): a tiny strength (1e-6 asked for 8 million
+    steps) keeps the tail of the bounded grid below sigma(t0), i.e. fewer steps, never a hang.
     """
-    total = steps if t0 >= 1.0 else max(steps, int(steps / t0))
+    total = steps if t0 >= 1.0 else max(steps, min(int(steps / t0), MAX_FULL_SCHEDULE))
     full = full_schedule_fn(total)
     tail = full[-(steps + 1):].clone()
     sigma0 = denoiser.sigma_at(ms, t0)
