@@ -1,4 +1,4 @@
-"""Workflows of local editing: DiffEdit (automatic mask + inversion to the encode ratio + masked decoding)."""
+"""Workflows of local editing: DiffEdit (automatic mask + inversion to the encode ratio + masked decoding), SEGA."""
 from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, checkpoint, decode_and_save, note, photo, photo_step, text
 
 
@@ -47,4 +47,25 @@ def diffedit(family="sd15"):
     return b.build()
 
 
-WORKFLOWS = {"diffedit": ("Editing - DiffEdit", diffedit)}
+def sega():
+    from .guidance import _compare
+
+    def add(b, ld, pos, neg):
+        cfg_term = b.add("EditKitGuidanceTermCFG")
+        last = cfg_term
+        for concept, direction in (("a blue square", "add"), ("a white background", "remove")):
+            c = text(b, ld.out("clip"), concept, f"SEGA concept ({direction})")
+            term = b.add("EditKitGuidanceTermSEGA", title=f"SEGA: {direction} '{concept}'", direction=direction,
+                         scale=5.0, warmup=10, threshold=0.95, momentum_scale=0.3, momentum_beta=0.6)
+            b.connect(c.out(0), term, "concept")
+            b.connect(last.out(0), term, "previous")
+            last = term
+        return last
+    return _compare("editkit_guidance_sega", 7.5, add,
+                    "SEGA: add one concept and remove another in the same sampling run",
+                    "30 steps, CFG 7.5; per concept scale 5, warm-up 10 steps, threshold 0.95, momentum 0.3 / "
+                    "beta 0.6 (Brack et al. 2023).")
+
+
+WORKFLOWS = {"diffedit": ("Editing - DiffEdit", diffedit),
+             "guidance_sega": ("Guidance - SEGA", sega)}
