@@ -158,3 +158,24 @@ def sag_mask(maps: list[torch.Tensor], latent_hw: tuple[int, int], threshold: fl
     """Salient-region mask (B, 1, H, W): attention received above the mean, averaged over the chosen layers."""
     up = [F.interpolate(m.unsqueeze(1).float(), latent_hw) for m in maps]
     return (torch.stack(up).mean(0) > threshold).float()
+
+
+def sega_direction(diff: torch.Tensor, scale: float, threshold: float, reverse: bool = False) -> torch.Tensor:
+    """SEGA's (Brack et al. 2023) guidance of one concept: scale * (e_concept - e_uncond), negated to remove the
+    concept, kept only where its magnitude reaches the element-wise `threshold` quantile of its channel (over
+    the spatial positions of each image, per channel) and zero elsewhere."""
+    g = (-scale if reverse else scale) * diff
+    if threshold <= 0:
+        return g
+    flat = g.abs().flatten(2).float()
+    q = torch.quantile(flat, min(float(threshold), 1.0), dim=2).to(g.dtype)
+    q = q.view(*q.shape, *([1] * (g.ndim - 2)))
+    return torch.where(g.abs() >= q, g, torch.zeros_like(g))
+
+
+def sega_momentum(direction: torch.Tensor, velocity: Optional[torch.Tensor], scale: float, beta: float):
+    """SEGA's momentum: the guidance g = direction + scale * v and the next v = beta * v + (1 - beta) * g
+    (v starts at 0)."""
+    g = direction if velocity is None else direction + scale * velocity
+    new = (1.0 - beta) * g if velocity is None else beta * velocity + (1.0 - beta) * g
+    return g, new

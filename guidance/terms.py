@@ -274,3 +274,50 @@ def add_term(previous, term: Term) -> tuple:
 
 def describe(terms) -> str:
     return ", ".join(f"{t.label()} [{t.schedule.describe()}]" for t in terms) or "plain CFG"
+
+
+@dataclass(frozen=True, eq=False)
+class SEGATerm(Term):
+    """SEGA (Brack et al. 2023), one concept: eps = CFG + gamma, gamma from (eps_concept - eps_uncond) with the
+    concept's own branch in the batched call. The guidance lives in the noise (eps / velocity) space of
+    k-diffusion, d = (x - x0) / sigma, the same for every parameterization; the x0 result is x0 - sigma * gamma.
+    Momentum accumulates from the first step; the concept is applied after `warmup` steps."""
+    concept: Any = None               # CONDITIONING of the concept
+    reverse: bool = False             # remove the concept (guide away from it)
+    scale: float = 5.0
+    warmup: int = 10
+    edit_threshold: float = 0.95
+    momentum_scale: float = 0.3
+    momentum_beta: float = 0.6
+    kind, title, order, needs_uncond = "sega", "SEGA", 65, True
+
+    def strength(self) -> float:
+        return self.scale
+
+    def label(self) -> str:
+        return f"SEGA ({'remove' if self.reverse else 'add'})"
+
+    @property
+    def conds_name(self) -> str:
+        return f"editkit_sega_{id(self):x}"
+
+    def extra_conds(self) -> dict:
+        return {self.conds_name: self.concept}
+
+    def start(self, guider, run, i):
+        return Momentum(run)
+
+    def plan(self, call, i, weight):
+        call.add_branch(f"sega{i}", call.named_conds(self.conds_name))
+
+    def post_cfg(self, call, i, weight, guided):
+        x, s = call.x, F._bview(call.sigma, call.x)
+        diff = (call.uncond - call.prediction(f"sega{i}")) / s      # d_concept - d_uncond, d = (x - x0) / s
+        direction = F.sega_direction(diff, self.scale * weight, self.edit_threshold, self.reverse)
+        velocity = call.state(i)
+        gamma, new = F.sega_momentum(direction, velocity.get(), self.momentum_scale, self.momentum_beta)
+        velocity.set(new)
+        step = call.step
+        if step is not None and step < self.warmup:
+            return guided
+        return guided - s * gamma

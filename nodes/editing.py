@@ -1,14 +1,20 @@
-"""Editing nodes: SDEdit."""
+"""Editing nodes: SDEdit, DiffEdit's automatic mask."""
 from __future__ import annotations
 
 import comfy.sample
 import comfy.samplers
+import comfy.utils
+import torch
+from . import feedback
 from .api import io
 from .base import EditKitNode
 
 from ..core import denoiser
 from ..core.errors import EditKitInputError, require
+from ..core import imaging
 from ..core.introspect import model_sampling
+from ..local import diffedit
+from ..local.masks import DOWNSCALE
 from ..samplers.sdedit import PreparedNoise, sdedit_sigmas, sdedit_start
 
 
@@ -69,4 +75,99 @@ class SDEdit(EditKitNode):
         return io.NodeOutput(PreparedNoise(start.sampler_noise, seed), out, sigmas, float(strength))
 
 
-NODES = [SDEdit]
+def _mask_overlay(image, mask):
+    """The mask over the image (red tint) for the node's preview; without an image, the mask itself."""
+    heat = torch.zeros(*mask.shape, 3)
+    heat[..., 0] = 1.0
+    if image is None:
+        return mask.unsqueeze(-1).expand(*mask.shape, 3).clone()
+    img = image[..., :3].float().cpu()
+    if img.shape[0] != mask.shape[0]:
+        img = img[:1].expand(mask.shape[0], -1, -1, -1)
+    alpha = 0.55 * mask.unsqueeze(-1)
+    return (img * (1 - alpha) + heat * alpha).clamp(0, 1)
+
+
+class DiffEditMask(io.ComfyNode):
+    EDITKIT_SHOWS = ("image", "text")
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitDiffEditMask",
+            display_name="DiffEdit Mask (where the prompts differ)",
+            category="EditKit/editing",
+            description="DiffEdit (Couairon et al. 2023): a MASK of the region an edit changes, from the difference of "
+                        "the model's noise predictions under a reference prompt (the image as it is) and a query "
+                        "prompt (the edit), averaged over n noise draws at the encode ratio, rescaled to [0, 1] and "
+                        "thresholded. Feed it to EditKit Inversion Sampler's mask for DiffEdit's masked decoding. "
+                        "EPS, v-prediction and flow models (SD1.x, SDXL, SD3, Flux).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model that will edit (its noise predictions make the mask)."),
+                io.Latent.Input("latent", tooltip="The image as a latent (VAE Encode with this model's VAE). Batches are supported."),
+                io.Conditioning.Input("reference", tooltip="Reference prompt: the image as it is (the source prompt)."),
+                io.Conditioning.Input("query", tooltip="Query prompt: the image after the edit (the edit prompt)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Optional: the same image in pixels, for the preview (mask over the image)."),
+                io.Int.Input("n", default=diffedit.PAPER_N, min=1, max=100,
+                             tooltip="Noise draws averaged (the paper: 10). Each costs one model call holding both prompts."),
+                io.Float.Input("encode_ratio", default=diffedit.PAPER_RATIO, min=0.01, max=1.0, step=0.01,
+                               tooltip="Diffusion time the image is noised to, in (0, 1] (the paper: 0.5). Use the "
+                                       "same ratio for the inversion that the masked edit starts from."),
+                io.Float.Input("threshold", default=diffedit.PAPER_THRESHOLD, min=0.0, max=1.0, step=0.01,
+                               tooltip="Binarisation of the rescaled difference (the paper: 0.5). Lower = larger mask."),
+                io.Int.Input("dilate", default=0, min=0, max=256,
+                             tooltip="Grow the mask by this many pixels (cover the edited object's border)."),
+                io.Float.Input("blur", default=0.0, min=0.0, max=64.0, step=0.5,
+                               tooltip="Gaussian blur of the mask (std in pixels): soft edges act as a per-pixel "
+                                       "edit strength in masked decoding. 0 = a binary mask."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Seed of the noise draws."),
+            ],
+            outputs=[io.Mask.Output("mask", display_name="mask",
+                                    tooltip="The edit region at the image's size (1 = edit, 0 = keep; soft with blur).")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, reference, query, n, encode_ratio, threshold, dilate, blur, seed,
+                image=None) -> io.NodeOutput:
+        node = "EditKitDiffEditMask"
+        require(0.0 < float(encode_ratio) <= 1.0, node, "encode_ratio", f"{encode_ratio} is outside (0, 1]",
+                "use a diffusion time above 0 and at most 1 (the paper: 0.5)")
+        require(int(n) >= 1, node, "n", f"{n} noise draws", "use at least 1 (the paper: 10)")
+        require(0.0 <= float(threshold) <= 1.0, node, "threshold", f"{threshold} is outside [0, 1]",
+                "the difference is rescaled to [0, 1]; the paper thresholds at 0.5")
+        if not isinstance(latent, dict) or "samples" not in latent:
+            raise EditKitInputError(node, "latent", "not a LATENT", "connect a VAE Encode output")
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        expected = model.model.latent_format.latent_channels
+        if samples.ndim != 4 or samples.shape[1] != expected:
+            raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
+                                    f"({expected} latent channels)", "encode the image with this model's VAE")
+        for name, cond in (("reference", reference), ("query", query)):
+            if not isinstance(cond, list) or not cond or not isinstance(cond[0], (list, tuple)):
+                raise EditKitInputError(node, name, "not a CONDITIONING", "connect a CLIP Text Encode output")
+        b, h, w = samples.shape[0], samples.shape[-2], samples.shape[-1]
+        size = (h * DOWNSCALE, w * DOWNSCALE)
+        if image is not None:
+            if image.ndim != 4 or tuple(image.shape[1:3]) != size or image.shape[0] not in (1, b):
+                raise EditKitInputError(node, "image", f"an image of shape {tuple(image.shape)} is not the latent's image "
+                                        f"(expected {b} x {size[0]} x {size[1]} pixels for a {w}x{h} latent)",
+                                        "connect the image that was VAE-encoded into 'latent'")
+        bar = comfy.utils.ProgressBar(int(n))
+        dmap = diffedit.noise_difference(model, samples, reference, query, int(n), float(encode_ratio), int(seed),
+                                         progress=lambda done, total: bar.update_absolute(done, total))
+        if float(dmap.raw.max()) <= 0.0:
+            raise EditKitInputError(node, "query", "the reference and query prompts give the same predictions: nothing to edit",
+                                    "write the edit into the query prompt (e.g. 'a blue square' for 'a red square')")
+        mask = diffedit.make_mask(dmap.normalized, size, threshold, dilate, blur)
+        if float(mask.max()) <= 0.0:
+            raise EditKitInputError(node, "threshold", f"no pixel reaches the threshold {threshold}: nothing to edit",
+                                    "lower the threshold")
+        area = float(mask.mean()) * 100
+        text = (f"mask: {area:.1f} % of the image; encode ratio {float(encode_ratio):g} (sigma {dmap.sigma:.4g}); "
+                f"{int(n)} draws = {2 * int(n)} model evaluations in {dmap.evaluations} batched calls")
+        return io.NodeOutput(mask, ui=feedback.show(cls, text=text, images=_mask_overlay(image, mask)))
+
+
+NODES = [SDEdit, DiffEditMask]

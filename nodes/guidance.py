@@ -383,5 +383,40 @@ class GuidancePlot(EditKitNode):
         return io.NodeOutput(image, ui=feedback.show(cls, images=image))
 
 
+class TermSEGA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitGuidanceTermSEGA", display_name="Guidance Term: SEGA (semantic guidance)", category=CATEGORY,
+            description="Semantic guidance (SEGA, Brack et al. 2023): steer the image toward a concept or away from it "
+                        "(add / remove), on top of CFG: the concept's noise difference to the unconditional prediction, "
+                        "kept only where it is strongest (element-wise percentile), with momentum and a warm-up. "
+                        "Chain several SEGA terms for several concepts; each adds one branch to the batched call.",
+            inputs=_term_inputs([
+                io.Conditioning.Input("concept", tooltip="The concept encoded with the same CLIP (e.g. 'glasses', 'a blue square')."),
+                io.Combo.Input("direction", options=["add", "remove"], default="add",
+                               tooltip="add: guide toward the concept; remove: away from it."),
+                io.Float.Input("scale", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="Edit guidance scale s_e (paper: about 5)."),
+                io.Int.Input("warmup", default=10, min=0, max=1000,
+                             tooltip="Steps before the concept is applied (momentum already builds up; paper: about 10)."),
+                io.Float.Input("threshold", default=0.95, min=0.0, max=1.0, step=0.01,
+                               tooltip="Element-wise percentile: only the strongest (1 - threshold) of each channel is guided "
+                                       "(paper: 0.9-0.95). 0 = everywhere."),
+                io.Float.Input("momentum_scale", default=0.3, min=0.0, max=10.0, step=0.01, tooltip="Momentum scale s_m."),
+                io.Float.Input("momentum_beta", default=0.6, min=0.0, max=0.999, step=0.01, tooltip="Momentum decay beta_m."),
+            ]), outputs=_term_outputs())
+
+    @classmethod
+    def execute(cls, concept, direction, scale, warmup, threshold, momentum_scale, momentum_beta, previous=None,
+                schedule=None) -> io.NodeOutput:
+        node = "EditKitGuidanceTermSEGA"
+        if not isinstance(concept, list) or not concept or not isinstance(concept[0], (list, tuple)):
+            raise EditKitInputError(node, "concept", "not a CONDITIONING", "connect a CLIP Text Encode of the concept")
+        require(direction in ("add", "remove"), node, "direction", f"unknown direction {direction!r}", "use add or remove")
+        require(0.0 <= threshold <= 1.0, node, "threshold", f"{threshold} is outside [0, 1]", "use 0.9-0.95 (the paper)")
+        return _append(previous, T.SEGATerm(_sched(schedule), concept, direction == "remove", float(scale), int(warmup),
+                                            float(threshold), float(momentum_scale), float(momentum_beta)))
+
+
 NODES = [GuidanceSchedule, TermCFG, TermRescale, TermAPG, TermDynamicThreshold, TermPerpNeg, TermSAG, TermPAG,
-         TermCADS, TermAutoGuidance, Guider, SamplerCFGPP, CFGSchedule, GuidancePlot]
+         TermCADS, TermAutoGuidance, TermSEGA, Guider, SamplerCFGPP, CFGSchedule, GuidancePlot]

@@ -11,6 +11,8 @@ from .base import EditKitNode
 
 from ..core import introspect
 from ..core.errors import EditKitInputError, require
+from ..local import masks as local_masks
+from ..local.blend import MaskedDecoding
 from ..samplers import metrics
 from ..samplers.inversion import invert, latent_out
 from ..samplers.methods import get_method
@@ -410,6 +412,11 @@ class InversionSampler(EditKitNode):
                     io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1, tooltip="Guidance of the target branch."),
                     io.Combo.Input("output", options=list(OUTPUTS), default="target",
                                    tooltip="Return the edit only, or the reconstruction and the edit as a batch (source first)."),
+                    io.Mask.Input("mask", optional=True,
+                                  tooltip="Optional: edit only here (masked decoding). Outside the mask the edit follows "
+                                          "the stored source latent of every step; soft values are a per-pixel strength "
+                                          "(edited during the last fraction of the steps). Image or latent size; "
+                                          "e.g. from EditKit DiffEdit Mask."),
                     ],
             outputs=[io.Noise.Output("noise", display_name="noise", tooltip="Connect to SamplerCustomAdvanced 'noise' (unused: the trajectory holds it)."),
                      io.Guider.Output("guider", display_name="guider", tooltip="Connect to SamplerCustomAdvanced 'guider'."),
@@ -420,7 +427,7 @@ class InversionSampler(EditKitNode):
         )
 
     @classmethod
-    def execute(cls, model, inversion, positive, cfg, output, negative=None) -> io.NodeOutput:
+    def execute(cls, model, inversion, positive, cfg, output, negative=None, mask=None) -> io.NodeOutput:
         node = "EditKitInversionSampler"
         if not isinstance(inversion, EditKitInversion):
             raise EditKitInputError(node, "inversion", "not an EditKit inversion", "connect an EditKit inversion node")
@@ -431,8 +438,11 @@ class InversionSampler(EditKitNode):
                 and not get_method(inversion.method).own_target_uncond):
             raise EditKitInputError(node, "negative", f"cfg {cfg} needs a negative prompt and the inversion has none",
                                     "connect a negative CLIP Text Encode or set cfg to 1")
+        hooks = ()
+        if mask is not None:
+            hooks = (MaskedDecoding(local_masks.to_latent(mask, inversion.batch_shape, node, "mask")),)
         guider = make_edit_guider(model, inversion, positive, negative, cfg)
-        sampler = InversionReplaySampler(inversion, output)
+        sampler = InversionReplaySampler(inversion, output, hooks)
         sigmas = inversion.sigmas[inversion.start_index:].clone()
         latent = {"samples": torch.zeros(inversion.batch_shape)}
         return io.NodeOutput(ZeroNoise(), guider, sampler, sigmas, latent)

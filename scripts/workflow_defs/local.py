@@ -1,0 +1,71 @@
+"""Workflows of local editing: DiffEdit (automatic mask + inversion to the encode ratio + masked decoding), SEGA."""
+from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, checkpoint, decode_and_save, note, photo, photo_step, text
+
+
+def diffedit(family="sd15"):
+    b = builder()
+    note(b, family, "DiffEdit: change one thing, keep the rest",
+         [photo_step(family),
+          "**Source prompt**: describe your photo; **Edit prompt**: the same sentence with the words you want "
+          "changed (here red -> blue).",
+          "**DiffEdit Mask** finds where the two prompts disagree (its preview shows the mask over your photo); "
+          "lower its threshold or dilate it if the mask misses part of the object.",
+          "**Invert** runs only to the encode ratio (SplitSigmasDenoise 0.5 = the last half of the schedule); "
+          "**EditKit Inversion Sampler** edits inside the mask and keeps the source outside it."],
+         "mask: n = 10 noise draws, encode ratio 0.5, threshold 0.5; DDIM inversion (CFG 1) to ratio 0.5 of "
+         "50 steps, edit CFG 5 (Couairon et al. 2023).")
+    ld = checkpoint(b, family)
+    img = photo(b, ld.out("vae"), family)
+    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
+    tgt = text(b, ld.out("clip"), EDIT_PROMPT, "Edit prompt")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    mask = b.add("EditKitDiffEditMask", n=10, encode_ratio=0.5, threshold=0.5, dilate=0, blur=0.0, seed=0)
+    b.connect(ld.out("model"), mask, "model")
+    b.connect(img["latent"].out(0), mask, "latent")
+    b.connect(src.out(0), mask, "reference")
+    b.connect(tgt.out(0), mask, "query")
+    b.connect(img["image"].out(0), mask, "image")
+    sched = b.add("BasicScheduler", scheduler="normal", steps=50, denoise=1.0)
+    b.connect(ld.out("model"), sched, "model")
+    split = b.add("SplitSigmasDenoise", title="Encode ratio (last half of the schedule)", denoise=0.5)
+    b.connect(sched.out(0), split, "sigmas")
+    inv = b.add("EditKitInvert", cfg=1.0, steps=50, scheduler="normal", fixed_point_iterations=0)
+    b.connect(ld.out("model"), inv, "model")
+    b.connect(img["latent"].out(0), inv, "latent")
+    b.connect(src.out(0), inv, "positive")
+    b.connect(split.out(1), inv, "sigmas")
+    smp = b.add("EditKitInversionSampler", cfg=5.0, output="target")
+    b.connect(ld.out("model"), smp, "model")
+    b.connect(inv.out(1), smp, "inversion")
+    b.connect(tgt.out(0), smp, "positive")
+    b.connect(neg.out(0), smp, "negative")
+    b.connect(mask.out(0), smp, "mask")
+    sca = b.add("SamplerCustomAdvanced", title="Sample the masked edit")
+    for i, name in enumerate(("noise", "guider", "sampler", "sigmas", "latent_image")):
+        b.connect(smp.out(i), sca, name)
+    decode_and_save(b, sca.out(0), ld.out("vae"), "editkit_diffedit", title="Decode the edit")
+    return b.build()
+
+
+def sega():
+    from .guidance import _compare
+
+    def add(b, ld, pos, neg):
+        cfg_term = b.add("EditKitGuidanceTermCFG")
+        last = cfg_term
+        for concept, direction in (("a blue square", "add"), ("a white background", "remove")):
+            c = text(b, ld.out("clip"), concept, f"SEGA concept ({direction})")
+            term = b.add("EditKitGuidanceTermSEGA", title=f"SEGA: {direction} '{concept}'", direction=direction,
+                         scale=5.0, warmup=10, threshold=0.95, momentum_scale=0.3, momentum_beta=0.6)
+            b.connect(c.out(0), term, "concept")
+            b.connect(last.out(0), term, "previous")
+            last = term
+        return last
+    return _compare("editkit_guidance_sega", 7.5, add,
+                    "SEGA: add one concept and remove another in the same sampling run",
+                    "30 steps, CFG 7.5; per concept scale 5, warm-up 10 steps, threshold 0.95, momentum 0.3 / "
+                    "beta 0.6 (Brack et al. 2023).")
+
+
+WORKFLOWS = {"diffedit": ("Editing - DiffEdit", diffedit),
+             "guidance_sega": ("Guidance - SEGA", sega)}
