@@ -1,0 +1,145 @@
+"""Drag editing nodes: the point editor's value (EditKit Drag Points) and SDE-Drag."""
+from __future__ import annotations
+
+import comfy.samplers
+from .api import io
+
+from ..core.errors import EditKitInputError, require
+from ..core.progress import StepProgress
+from ..drag.points import DragError, DragPoints
+from ..drag.sde_drag import LATENT_FACTOR, sde_drag
+from . import feedback
+
+Drag = io.Custom("EDITKIT_DRAG")
+
+EXAMPLE_POINTS = '{"version": 1, "width": 512, "height": 512, "points": []}'
+
+
+def drag_input_error(node: str, input_name: str, e: DragError) -> EditKitInputError:
+    return EditKitInputError(node, input_name, f"{e.field}: {e.problem}", e.fix)
+
+
+class DragPointsNode(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitDragPoints",
+            display_name="EditKit Drag Points",
+            category="EditKit/drag",
+            description="Handle -> target point pairs for drag editing, in pixels of the image, with an optional "
+                        "editable region. The value is JSON (saved with the workflow, accepted by the API): "
+                        '{"width": W, "height": H, "points": [{"handle": [x, y], "target": [x, y]}], '
+                        '"mask": {"strokes": [[x, y, radius, 1]]}}.',
+            inputs=[
+                io.String.Input("points", default=EXAMPLE_POINTS, multiline=True,
+                                tooltip="The drag as JSON: image size, handle/target pairs in pixels (x right, y down), "
+                                        "optional brush strokes of the editable region."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The image the points are placed on: gives the size when the JSON has none; at another size of "
+                                       "the same aspect ratio the points scale with it."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Editable region (white = may change); replaces the JSON's brush strokes."),
+            ],
+            outputs=[Drag.Output(display_name="drag", tooltip="The drag (EDITKIT_DRAG) for the drag-editing nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, points, image=None, mask=None) -> io.NodeOutput:
+        node = "EditKitDragPoints"
+        w = h = None
+        if image is not None:
+            h, w = int(image.shape[1]), int(image.shape[2])
+        try:
+            drag = DragPoints.from_json(points, w, h)
+        except DragError as e:
+            raise drag_input_error(node, "points", e) from None
+        if image is not None and (drag.width, drag.height) != (w, h):
+            try:     # the same picture at another size (Image Scale, --model toy): the points scale with it
+                drag = drag.fit(w, h)
+            except DragError:
+                raise EditKitInputError(node, "image", f"the image is {w}x{h} px, the points were placed on "
+                                        f"{drag.width}x{drag.height} (another aspect ratio)",
+                                        "place the points on this image (or fix width/height)") from None
+        try:
+            drag = drag.with_mask(mask).validate()
+        except DragError as e:
+            raise drag_input_error(node, "mask" if e.field == "mask" else "points", e) from None
+        return io.NodeOutput(drag, ui=feedback.show(cls, text=drag.describe()))
+
+
+def fit_drag(node: str, drag: DragPoints, samples) -> DragPoints:
+    """The drag on the latent's image size (same aspect ratio), validated."""
+    h, w = int(samples.shape[-2]) * LATENT_FACTOR, int(samples.shape[-1]) * LATENT_FACTOR
+    if not isinstance(drag, DragPoints):
+        raise EditKitInputError(node, "drag", "is not an EDITKIT_DRAG value", "connect EditKit Drag Points")
+    try:
+        return drag.fit(w, h).validate()
+    except DragError as e:
+        raise drag_input_error(node, "drag", e) from None
+
+
+class SDEDrag(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitSDEDrag",
+            display_name="SDE-Drag (fast drag editing)",
+            category="EditKit/drag",
+            description="SDE-Drag (Nie et al., ICLR 2024): noise the latent to t0, copy the noisy patch around each "
+                        "handle to its target, refill the vacated place with fresh noise, denoise with an SDE. No "
+                        "backpropagation. Outside the moved patch the image is kept exactly.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model that denoises (SD1.x, SD2.x, SDXL, SD3, Flux)."),
+                io.Conditioning.Input("positive", tooltip="A prompt describing the photo."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt (used when cfg > 1)."),
+                io.Latent.Input("latent", tooltip="The photo as a latent (VAE Encode). Every batch row is dragged alike."),
+                Drag.Input("drag", tooltip="Handle/target points from EditKit Drag Points (placed on this image, or one "
+                                           "of the same aspect ratio: the points scale with it)."),
+                io.Float.Input("t0", default=0.6, min=0.05, max=1.0, step=0.01,
+                               tooltip="Diffusion time the copy-paste happens at (0.6 in SDEdit-style SDE editing): "
+                                       "higher lets the model repair more, lower keeps more detail."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Steps of the full schedule; t0 * steps of them run after each copy-paste."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale (1 = the prompt alone)."),
+                io.Int.Input("sub_moves", default=1, min=1, max=16,
+                             tooltip="Split each drag into this many equal moves (the paper's m for long drags)."),
+                io.Float.Input("radius", default=48.0, min=1.0, max=4096.0, step=1.0,
+                               tooltip="Radius in pixels (of the image the points were placed on) of the patch that "
+                                       "moves; inside the editable region when the drag has one."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="Shape of the sigma schedule (as in KSampler)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Seed of the noise (forward noise, refill and SDE steps)."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The dragged latent; decode it with the VAE.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, drag, t0, steps, cfg, sub_moves, radius, scheduler, seed,
+                negative=None) -> io.NodeOutput:
+        node = "EditKitSDEDrag"
+        require(0.0 < t0 <= 1.0, node, "t0", f"{t0} is outside (0, 1]", "use 0.3-0.8 (0.6 is the usual choice)")
+        require(steps >= 1, node, "steps", f"{steps} steps cannot denoise", "use at least 1 (50 is usual)")
+        require(sub_moves >= 1, node, "sub_moves", f"{sub_moves} is below 1", "use 1 or more")
+        require(radius > 0, node, "radius", f"{radius} px moves nothing", "use a radius covering the dragged part")
+        samples = latent["samples"]
+        expected = model.model.latent_format.latent_channels
+        if samples.ndim != 4 or samples.shape[1] != expected:
+            raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
+                                    f"({expected} latent channels)", "encode the image with this model's VAE")
+        d = fit_drag(node, drag, samples)
+        run_steps = max(1, int(round(steps * t0)))
+        bar = StepProgress(model, run_steps * sub_moves)
+        out, info = sde_drag(model, positive, negative, samples, d, t0, steps, cfg, seed, sub_moves,
+                             radius * d.width / drag.width, scheduler, progress=bar.update)
+        res = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
+        res["samples"] = out
+        return io.NodeOutput(res, ui=feedback.show(cls, text=d.describe() + "\n" + info.describe()))
+
+
+NODES = [DragPointsNode, SDEDrag]
