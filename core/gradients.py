@@ -236,15 +236,21 @@ class GradientEnv:
 
 
 def run_with_gradients(model, conds: dict, program: Callable[[GradientEnv], object], sigmas: torch.Tensor, shape,
-                       cfg: float = 1.0, checkpointing: bool = False, seed: int = 0):
+                       cfg: float = 1.0, checkpointing: bool = False, seed: int = 0,
+                       prepare: Optional[Callable[[object], None]] = None):
     """program(env) inside ComfyUI's sampling setup on a gradient clone of `model`; returns its result.
 
     conds: named CONDITIONINGs (None entries skipped); "positive"/"negative" keep ComfyUI's meaning.
     sigmas: the schedule patches see as transformer_options["sample_sigmas"]. shape: the latent shape
     the conditioning is processed for. The program decides where gradients are recorded (`autograd()`);
-    the run itself is outside inference mode, so tensors it makes can require grad."""
+    the run itself is outside inference mode, so tensors it makes can require grad.
+    prepare(clone): adds weight wrappers to the gradient clone (after GradWeight, so their graphs are
+    kept: trainable LoRA), before the run starts."""
     from ..samplers.branch_guider import make_guider
-    guider = make_guider(gradient_clone(model, checkpointing), conds, cfg)
+    clone = gradient_clone(model, checkpointing)
+    if prepare is not None:
+        prepare(clone)
+    guider = make_guider(clone, conds, cfg)
     out = {}
 
     def sampler_program(g, sig, extra_args, _callback, _noise, latent, _disable_pbar):
