@@ -151,6 +151,17 @@ def gradient_clone(model, checkpointing: bool = False):
     return m
 
 
+def gradient_clip(clip):
+    """A clone of a CLIP (text encoder) whose weights can take part in autograd: every weight ComfyUI casts
+    passes through GradWeight (the user's CLIP untouched). For gradients w.r.t. token embeddings
+    (textual inversion); the encoder's weights themselves get no gradient."""
+    c = clip.clone()
+    wrapper = GradWeight()
+    for name, _ in c.patcher.model.named_parameters():
+        c.patcher.add_weight_wrapper(name, wrapper)
+    return c
+
+
 def _pack(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 

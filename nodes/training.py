@@ -158,4 +158,92 @@ class DreamBoothLoRATrain(io.ComfyNode):
         return io.NodeOutput(out_model, lora_name, text, ui=feedback.show(cls, text=text))
 
 
-NODES = [DreamBoothLoRATrain]
+TI_NODE = "EditKitTextualInversionTrain"
+
+
+def _captions(node, text, n):
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    require(bool(lines), node, "captions", "no caption", "write one caption with the placeholder, e.g. 'a photo of <my-concept>'")
+    if len(lines) == 1:
+        return lines * n
+    require(len(lines) == n, node, "captions", f"{len(lines)} captions for {n} images",
+            "write one caption per image (one per line) or a single caption for all")
+    return lines
+
+
+class TextualInversionTrain(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=TI_NODE,
+            display_name="Textual Inversion Train",
+            category="EditKit/training",
+            description="Textual inversion (Gal et al. 2023): learn a new word's embedding from a few images of a "
+                        "concept through the frozen model (gradient clones; your model and CLIP are untouched). "
+                        "Writes models/embeddings/<name>.safetensors: type embedding:<name> in any prompt box "
+                        "(ComfyUI's own tokenizer loads it). Interrupting saves a checkpoint that resume continues from.",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's model (not changed)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's text encoder (not changed)."),
+                io.Latent.Input("latent", tooltip="VAE Encode of the 3-5 concept images (one size; scale them first)."),
+                io.String.Input("captions", default="a photo of <my-concept>", multiline=True,
+                                tooltip="One caption per image (one per line) or one for all; each contains the placeholder."),
+                io.String.Input("placeholder", default="<my-concept>",
+                                tooltip="The pseudo-word standing for the concept in the captions (not a vocabulary word)."),
+                io.String.Input("init_word", default="object",
+                                tooltip="One word describing the concept's class; the embedding starts from it."),
+                io.String.Input("name", default="editkit_concept",
+                                tooltip="File name inside models/embeddings/ (prompts use embedding:<name>)."),
+                io.Int.Input("num_vectors", default=1, min=1, max=16, tooltip="Embedding vectors of the new word."),
+                io.Int.Input("steps", default=3000, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=5e-3, min=0.0, max=1.0, step=1e-4,
+                               tooltip="AdamW learning rate (paper: 5e-3)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the checkpoint an interrupted run with the same settings left."),
+            ],
+            outputs=[
+                io.String.Output(display_name="embedding", tooltip="What to type in a prompt: embedding:<name>."),
+                io.String.Output(display_name="report", tooltip="Steps, loss at the start and the end, file written."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, captions, placeholder, init_word, name, num_vectors, steps,
+                learning_rate, batch_size, seed, resume) -> io.NodeOutput:
+        from ..lora import st_io
+        from ..training import loop, paths
+        from ..training import textual_inversion as TI
+        node = TI_NODE
+        settings = _settings(node, steps, learning_rate, batch_size, seed, weight_decay=0.0)
+        ph = (placeholder or "").strip()
+        require(bool(ph) and " " not in ph, node, "placeholder", f"{placeholder!r} is not one pseudo-word",
+                "use e.g. <my-concept>")
+        path, file_name = _output(node, "embeddings", name)
+        _check_trainable(node, model)
+        x0 = _latents(node, model, latent)
+        caps = _captions(node, captions, x0.shape[0])
+        ckpt = paths.checkpoint_file("embedding", file_name)
+        try:
+            vectors, res = TI.train(model, clip, x0, caps, ph, (init_word or "").strip(), settings, int(num_vectors),
+                                    checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
+                                    node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+        except TI.CaptionError as e:
+            raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
+        except loop.TrainingInterrupted as e:
+            _interrupted(e, node)
+        st_io.save(TI.embedding_file(vectors), path, {"editkit_training": "textual_inversion", "placeholder": ph,
+                                                      "init_word": init_word, "steps": str(steps)})
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
+        token = "embedding:" + os.path.splitext(file_name)[0]
+        text = _loss_text(res, steps) + f"\nsaved models/embeddings/{file_name}\nuse it in a prompt as {token}"
+        return io.NodeOutput(token, text, ui=feedback.show(cls, text=text))
+
+
+NODES = [DreamBoothLoRATrain, TextualInversionTrain]

@@ -90,3 +90,54 @@ def test_interrupt_leaves_a_checkpoint_and_no_lora_then_resume_finishes(tiny_eps
     assert "resumed at step 2" in report and not os.path.exists(ck)
     import folder_paths
     os.remove(folder_paths.get_full_path("loras", name))
+
+
+TI_ARGS = dict(captions="a photo of <ek-concept>", placeholder="<ek-concept>", init_word="circle", num_vectors=1,
+               steps=6, learning_rate=5e-2, batch_size=1, seed=0, resume=False)
+
+
+def test_textual_inversion_embedding_is_picked_up_by_comfys_tokenizer(tiny_eps, tiny_clip):
+    """The file lands in the embeddings folder; ComfyUI's own tokenizer turns embedding:NAME into the trained
+    vector, which differs from the init word's (the optimizer moved it) and encodes to a different context."""
+    import comfy.sd1_clip
+    import folder_paths
+    from editkit.nodes.training import TextualInversionTrain
+    from editkit.training import textual_inversion as TI
+    token, report = node_out(TextualInversionTrain.execute(model=tiny_eps, clip=tiny_clip, latent=_latent(),
+                                                           name="ek_test_ti", **TI_ARGS))
+    assert token == "embedding:ek_test_ti" and "6 steps" in report
+    path = folder_paths.get_full_path("embeddings", "ek_test_ti.safetensors")
+    assert path and os.path.exists(path)
+    tok = comfy.sd1_clip.SDTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                     embedding_size=32, embedding_key="clip_l")
+    pairs = tok.tokenize_with_weights("a photo of embedding:ek_test_ti")
+    vecs = [t[0] for t in pairs[0] if torch.is_tensor(t[0])]
+    assert len(vecs) == 1
+    from safetensors.torch import load_file
+    saved = load_file(path)["clip_l"]
+    torch.testing.assert_close(vecs[0].float().reshape(saved.shape), saved)
+    init = TI.init_vectors(tiny_clip, "circle", 1)["l"]
+    assert float((saved - init).abs().max()) > 1e-3
+    with_emb = tiny_clip.encode_from_tokens({"l": pairs})
+    with_init = tiny_clip.encode_from_tokens(tiny_clip.tokenize("a photo of circle"))
+    assert not torch.allclose(with_emb, with_init, atol=1e-5)
+    os.remove(path)
+
+
+@pytest.mark.parametrize("change, input_name", [
+    (dict(captions="a photo of a circle"), "captions"),
+    (dict(captions="a photo of <ek-concept>\nand <ek-concept>\nthird <ek-concept>"), "captions"),
+    (dict(placeholder="circle", captions="a photo of circle"), "placeholder"),
+    (dict(init_word="two words"), "init_word"),
+    (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(name="/etc/evil"), "name"),
+])
+def test_textual_inversion_bad_input(tiny_eps, tiny_clip, change, input_name):
+    from editkit.nodes.training import TextualInversionTrain
+    kw = dict(TI_ARGS, latent=_latent(), name="ek_test_ti_bad")
+    kw.update(change)
+    with pytest.raises(EditKitInputError) as err:
+        TextualInversionTrain.execute(model=tiny_eps, clip=tiny_clip, **kw)
+    assert err.value.input_name == input_name, str(err.value)
+    import folder_paths
+    assert folder_paths.get_full_path("embeddings", "ek_test_ti_bad.safetensors") is None

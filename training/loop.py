@@ -143,7 +143,8 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
     shape = tuple(examples[0].latent.shape)
     stop = stop or _default_stop
     fingerprint = _fingerprint(params, settings, len(examples))
-    copy_saved = architecture(model) != "unet"
+    # DiT blocks and CLIP text encoders update tensors in place: autograd keeps copies (core/gradients.autograd)
+    copy_saved = architecture(model) != "unet" or context is not None
     result = Result()
     sigmas = torch.tensor([float(model.get_model_object("model_sampling").sigma_max), 0.0])
 
