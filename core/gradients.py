@@ -151,6 +151,17 @@ def gradient_clone(model, checkpointing: bool = False):
     return m
 
 
+def gradient_clip(clip):
+    """A clone of a CLIP (text encoder) whose weights can take part in autograd: every weight ComfyUI casts
+    passes through GradWeight (the user's CLIP untouched). For gradients w.r.t. token embeddings
+    (textual inversion); the encoder's weights themselves get no gradient."""
+    c = clip.clone()
+    wrapper = GradWeight()
+    for name, _ in c.patcher.model.named_parameters():
+        c.patcher.add_weight_wrapper(name, wrapper)
+    return c
+
+
 def _pack(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
@@ -236,15 +247,21 @@ class GradientEnv:
 
 
 def run_with_gradients(model, conds: dict, program: Callable[[GradientEnv], object], sigmas: torch.Tensor, shape,
-                       cfg: float = 1.0, checkpointing: bool = False, seed: int = 0):
+                       cfg: float = 1.0, checkpointing: bool = False, seed: int = 0,
+                       prepare: Optional[Callable[[object], None]] = None):
     """program(env) inside ComfyUI's sampling setup on a gradient clone of `model`; returns its result.
 
     conds: named CONDITIONINGs (None entries skipped); "positive"/"negative" keep ComfyUI's meaning.
     sigmas: the schedule patches see as transformer_options["sample_sigmas"]. shape: the latent shape
     the conditioning is processed for. The program decides where gradients are recorded (`autograd()`);
-    the run itself is outside inference mode, so tensors it makes can require grad."""
+    the run itself is outside inference mode, so tensors it makes can require grad.
+    prepare(clone): adds weight wrappers to the gradient clone (after GradWeight, so their graphs are
+    kept: trainable LoRA), before the run starts."""
     from ..samplers.branch_guider import make_guider
-    guider = make_guider(gradient_clone(model, checkpointing), conds, cfg)
+    clone = gradient_clone(model, checkpointing)
+    if prepare is not None:
+        prepare(clone)
+    guider = make_guider(clone, conds, cfg)
     out = {}
 
     def sampler_program(g, sig, extra_args, _callback, _noise, latent, _disable_pbar):

@@ -1,9 +1,24 @@
 """Thin V3 nodes, one file per area. Each node validates, clones the model, installs patches, returns."""
+import importlib
+
+# One line per area module (keeps merges of new areas conflict-free).
+AREAS = (
+    "loaders",
+    "editing",
+    "analysis",
+    "guidance",
+    "adapters",
+    "toy",
+    "inversion",
+    "attention_control",
+    "lora",
+    "drag",
+    "training",
+)
 
 
 def node_list() -> list:
-    from . import adapters, analysis, attention_control, drag, editing, guidance, inversion, loaders, lora, toy
     nodes = []
-    for module in (loaders, editing, analysis, guidance, adapters, toy, inversion, attention_control, lora, drag):
-        nodes.extend(module.NODES)
+    for name in AREAS:
+        nodes.extend(importlib.import_module(f"{__name__}.{name}").NODES)
     return nodes

@@ -1,0 +1,249 @@
+"""Training nodes: teach the model a concept from a few images (DreamBooth-LoRA, textual inversion).
+
+The training itself is the training core (training/loop.py) on a gradient clone; the node validates,
+prepares the data, trains, writes the file into ComfyUI's own folder and returns the model as core's
+loaders would load that file."""
+from __future__ import annotations
+
+import os
+
+from . import feedback
+from .api import io
+
+from ..core.errors import EditKitInputError, require
+
+DB_NODE = "EditKitDreamBoothLoRATrain"
+
+
+def _settings(node, steps, learning_rate, batch_size, seed, grad_accumulation=1, weight_decay=1e-2):
+    from ..training import loop
+    require(learning_rate > 0, node, "learning_rate", f"{learning_rate} is not > 0", "use e.g. 1e-4")
+    require(steps >= 1, node, "steps", "at least one step is needed")
+    return loop.Settings(steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size),
+                         grad_accumulation=int(grad_accumulation), weight_decay=float(weight_decay), seed=int(seed))
+
+
+def _output(node, kind, name):
+    from ..training import paths
+    try:
+        return paths.output_file(kind, name)
+    except paths.OutputNameError as e:
+        raise EditKitInputError(node, "name", e.problem, e.fix) from None
+
+
+def _check_trainable(node, model):
+    from ..training import lora as TL
+    why = TL.frozen_weights_reason(model)
+    require(why is None, node, "model", f"its weights cannot take gradients ({why})",
+            "load the checkpoint in fp16/bf16/fp32 (not a quantized or fp8 file) to train")
+
+
+def _latents(node, model, latent):
+    samples = latent["samples"] if isinstance(latent, dict) else None
+    require(samples is not None and samples.shape[0] > 0, node, "latent", "the image batch is empty",
+            "connect VAE Encode of 4-8 images of the concept")
+    require(samples.ndim == 4, node, "latent", f"expected an image latent batch (N, C, H, W), got {tuple(samples.shape)}")
+    # One LATENT batch always has one size; images of different sizes must be scaled to one size first.
+    return model.model.process_latent_in(samples.float())
+
+
+def _interrupted(err, node):
+    import comfy.model_management as mm
+    mm.throw_exception_if_processing_interrupted()
+    raise err
+
+
+def _loss_text(res, steps):
+    ls = res.losses
+    first, last = sum(ls[:5]) / max(len(ls[:5]), 1), sum(ls[-5:]) / max(len(ls[-5:]), 1)
+    text = f"{steps} steps, loss {first:.4f} (first 5) -> {last:.4f} (last 5)"
+    if res.resumed_from:
+        text += f"; resumed at step {res.resumed_from}"
+    return text
+
+
+class DreamBoothLoRATrain(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=DB_NODE,
+            display_name="DreamBooth LoRA Train",
+            category="EditKit/training",
+            description="DreamBooth (Ruiz et al. 2023) with LoRA: learn a subject from a few images under a prompt "
+                        "with a rare identifier (\"a photo of sks dog\"), with prior preservation on class images "
+                        "the model itself generates (cached). Trains LoRA factors of every attention projection on a "
+                        "gradient clone (your model is untouched), writes models/loras/<name>.safetensors in "
+                        "ComfyUI's LoRA format (core Load LoRA loads it) and returns the model with it loaded. "
+                        "Interrupting saves a checkpoint that resume continues from.",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's model to personalize (not changed)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's text encoder (encodes the prompts; not trained)."),
+                io.Latent.Input("latent", tooltip="VAE Encode of the 4-8 concept images (one size; scale them first)."),
+                io.String.Input("instance_prompt", default="a photo of sks dog",
+                                tooltip="Prompt of the concept images; must contain the identifier."),
+                io.String.Input("identifier", default="sks",
+                                tooltip="The rare token that will name the concept in prompts."),
+                io.String.Input("class_prompt", default="a photo of dog",
+                                tooltip="Prompt of the concept's class (prior preservation images)."),
+                io.String.Input("name", default="editkit_dreambooth",
+                                tooltip="File name of the LoRA inside models/loras/ (no folders)."),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (LoRA DreamBooth: 1e-4)."),
+                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
+                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the class-image loss (0: no prior preservation)."),
+                io.Int.Input("class_images", default=100, min=0, max=1000,
+                             tooltip="How many class images the model generates for the prior (cached)."),
+                io.Int.Input("class_steps", default=30, min=1, max=200,
+                             tooltip="Sampling steps of each class image."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches, noise and init."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the checkpoint an interrupted run with the same settings left."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the trained LoRA loaded (as Load LoRA would)."),
+                io.String.Output(display_name="lora_name", tooltip="The LoRA file's name as Load LoRA lists it."),
+                io.String.Output(display_name="report", tooltip="Steps, loss at the start and the end, file written."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, instance_prompt, identifier, class_prompt, name, steps, learning_rate,
+                rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume) -> io.NodeOutput:
+        from ..lora import st_io
+        from ..training import dreambooth, loop, paths, prior
+        node = DB_NODE
+        settings = _settings(node, steps, learning_rate, batch_size, seed)
+        ident = (identifier or "").strip()
+        require(bool(ident), node, "identifier", "the identifier is empty", "use a rare token such as sks")
+        require(ident in (instance_prompt or "").split(), node, "instance_prompt",
+                f"does not contain the identifier {ident!r}", f"write e.g. 'a photo of {ident} dog'")
+        use_prior = prior_loss_weight > 0 and class_images > 0
+        require(not use_prior or bool((class_prompt or "").strip()), node, "class_prompt",
+                "prior preservation needs the class prompt", "write e.g. 'a photo of dog', or set class_images to 0")
+        path, lora_name = _output(node, "loras", name)
+        _check_trainable(node, model)
+        x0 = _latents(node, model, latent)
+        enc = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))
+        inst = enc(instance_prompt)
+        cls_lat, cls_cond, hit = None, None, False
+        if use_prior:
+            cls_cond = enc(class_prompt)
+            raw, hit = prior.class_latents(model, cls_cond, enc(""), x0.shape[1:], class_images, class_steps,
+                                           7.5, seed)
+            cls_lat = model.model.process_latent_in(raw)
+        ckpt = paths.checkpoint_file("lora", lora_name)
+        try:
+            lo, res = dreambooth.train(model, x0, inst, settings, rank, cls_lat, cls_cond, prior_loss_weight,
+                                       checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
+                                       node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+        except loop.TrainingInterrupted as e:
+            _interrupted(e, node)
+        sd = lo.state_dict()
+        st_io.save(sd, path, {"editkit_training": "dreambooth_lora", "instance_prompt": instance_prompt,
+                              "class_prompt": class_prompt if use_prior else "", "steps": str(steps),
+                              "rank": str(rank), "learning_rate": str(learning_rate)})
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
+        from ..training import lora as TL
+        out_model, _ = TL.apply_saved(model, None, sd, 1.0, 0.0)
+        text = (_loss_text(res, steps) + f"\nclass images: {class_images if use_prior else 0}"
+                + (" (cached)" if hit else "") + f"\nsaved models/loras/{lora_name}")
+        return io.NodeOutput(out_model, lora_name, text, ui=feedback.show(cls, text=text))
+
+
+TI_NODE = "EditKitTextualInversionTrain"
+
+
+def _captions(node, text, n):
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    require(bool(lines), node, "captions", "no caption", "write one caption with the placeholder, e.g. 'a photo of <my-concept>'")
+    if len(lines) == 1:
+        return lines * n
+    require(len(lines) == n, node, "captions", f"{len(lines)} captions for {n} images",
+            "write one caption per image (one per line) or a single caption for all")
+    return lines
+
+
+class TextualInversionTrain(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=TI_NODE,
+            display_name="Textual Inversion Train",
+            category="EditKit/training",
+            description="Textual inversion (Gal et al. 2023): learn a new word's embedding from a few images of a "
+                        "concept through the frozen model (gradient clones; your model and CLIP are untouched). "
+                        "Writes models/embeddings/<name>.safetensors: type embedding:<name> in any prompt box "
+                        "(ComfyUI's own tokenizer loads it). Interrupting saves a checkpoint that resume continues from.",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's model (not changed)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's text encoder (not changed)."),
+                io.Latent.Input("latent", tooltip="VAE Encode of the 3-5 concept images (one size; scale them first)."),
+                io.String.Input("captions", default="a photo of <my-concept>", multiline=True,
+                                tooltip="One caption per image (one per line) or one for all; each contains the placeholder."),
+                io.String.Input("placeholder", default="<my-concept>",
+                                tooltip="The pseudo-word standing for the concept in the captions (not a vocabulary word)."),
+                io.String.Input("init_word", default="object",
+                                tooltip="One word describing the concept's class; the embedding starts from it."),
+                io.String.Input("name", default="editkit_concept",
+                                tooltip="File name inside models/embeddings/ (prompts use embedding:<name>)."),
+                io.Int.Input("num_vectors", default=1, min=1, max=16, tooltip="Embedding vectors of the new word."),
+                io.Int.Input("steps", default=3000, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=5e-3, min=0.0, max=1.0, step=1e-4,
+                               tooltip="AdamW learning rate (paper: 5e-3)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the checkpoint an interrupted run with the same settings left."),
+            ],
+            outputs=[
+                io.String.Output(display_name="embedding", tooltip="What to type in a prompt: embedding:<name>."),
+                io.String.Output(display_name="report", tooltip="Steps, loss at the start and the end, file written."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, captions, placeholder, init_word, name, num_vectors, steps,
+                learning_rate, batch_size, seed, resume) -> io.NodeOutput:
+        from ..lora import st_io
+        from ..training import loop, paths
+        from ..training import textual_inversion as TI
+        node = TI_NODE
+        settings = _settings(node, steps, learning_rate, batch_size, seed, weight_decay=0.0)
+        ph = (placeholder or "").strip()
+        require(bool(ph) and " " not in ph, node, "placeholder", f"{placeholder!r} is not one pseudo-word",
+                "use e.g. <my-concept>")
+        path, file_name = _output(node, "embeddings", name)
+        _check_trainable(node, model)
+        x0 = _latents(node, model, latent)
+        caps = _captions(node, captions, x0.shape[0])
+        ckpt = paths.checkpoint_file("embedding", file_name)
+        try:
+            vectors, res = TI.train(model, clip, x0, caps, ph, (init_word or "").strip(), settings, int(num_vectors),
+                                    checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
+                                    node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+        except TI.CaptionError as e:
+            raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
+        except loop.TrainingInterrupted as e:
+            _interrupted(e, node)
+        st_io.save(TI.embedding_file(vectors), path, {"editkit_training": "textual_inversion", "placeholder": ph,
+                                                      "init_word": init_word, "steps": str(steps)})
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
+        token = "embedding:" + os.path.splitext(file_name)[0]
+        text = _loss_text(res, steps) + f"\nsaved models/embeddings/{file_name}\nuse it in a prompt as {token}"
+        return io.NodeOutput(token, text, ui=feedback.show(cls, text=text))
+
+
+NODES = [DreamBoothLoRATrain, TextualInversionTrain]

@@ -1,0 +1,59 @@
+"""Workflows of the training nodes: teach the model a concept from a few photos, then prompt it."""
+from .common import EXAMPLE, EXAMPLE_2, builder, checkpoint, decode_and_save, empty_latent, native, note, text
+
+
+
+def _concept_images(b, vae, family):
+    """Two Load Image -> Image Scale, batched (Image Batch) -> VAE Encode: the concept images."""
+    res = native(family)
+    members, scaled = [], []
+    for i, name in enumerate((EXAMPLE, EXAMPLE_2), 1):
+        load = b.add("LoadImage", title=f"Load Image (concept photo {i})", col=0, image=name)
+        scale = b.add("ImageScale", title=f"Scale concept photo {i} to {res}x{res}", col=0, upscale_method="lanczos",
+                      width=res, height=res, crop="center")
+        b.connect(load.out(0), scale, "image")
+        members += [load, scale]
+        scaled.append(scale)
+    batch = b.add("ImageBatch", title="Batch the concept photos", col=0)
+    b.connect(scaled[0].out(0), batch, "image1")
+    b.connect(scaled[1].out(0), batch, "image2")
+    enc = b.add("VAEEncode", title="VAE Encode (concept photos)", col=0)
+    b.connect(batch.out(0), enc, "pixels")
+    b.connect(vae, enc, "vae")
+    b.group("Concept photos", members + [batch, enc])
+    return enc
+
+
+def dreambooth_lora(family="sd15"):
+    b = builder()
+    note(b, family, "DreamBooth-LoRA: teach the model your subject from a few photos",
+         ["**Load Image**: 4-8 photos of the subject (add Load Image + Image Batch nodes for more; any size: "
+          "Image Scale crops them to one size).",
+          "**DreamBooth LoRA Train**: the identifier (a rare token, `sks`) in the instance prompt and the class "
+          "(`dog`) in the class prompt; the model generates the class images for prior preservation once "
+          "(cached). The LoRA goes to models/loras/<name>.safetensors (core Load LoRA loads it).",
+          "**Prompt**: use the identifier with the class: `a photo of sks dog in the snow`."],
+         "500 steps, AdamW lr 1e-4, LoRA rank 4 on every attention projection, prior weight 1 with 100 class "
+         "images (Ruiz et al. 2023 with LoRA, the diffusers DreamBooth-LoRA defaults).")
+    ld = checkpoint(b, family)
+    enc = _concept_images(b, ld.out("vae"), family)
+    tr = b.add("EditKitDreamBoothLoRATrain", title="DreamBooth LoRA Train",
+               toy={"inputs": {"class_images": 2, "class_steps": 2}},
+               instance_prompt="a photo of sks dog", identifier="sks", class_prompt="a photo of dog",
+               name="editkit_dreambooth", steps=500, learning_rate=1e-4, rank=4, batch_size=1,
+               prior_loss_weight=1.0, class_images=100, class_steps=30, seed=0, resume=False)
+    b.connect(ld.out("model"), tr, "model")
+    b.connect(ld.out("clip"), tr, "clip")
+    b.connect(enc.out(0), tr, "latent")
+    pos = text(b, ld.out("clip"), "a photo of sks dog in the snow", "Prompt with the identifier")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+    b.connect(tr.out(0), ks, "model")
+    b.connect(pos.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
+    b.connect(empty_latent(b, family).out(0), ks, "latent_image")
+    decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_dreambooth")
+    return b.build()
+
+
+WORKFLOWS = {"dreambooth_lora": ("Training - DreamBooth-LoRA", dreambooth_lora)}
