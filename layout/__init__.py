@@ -1,0 +1,1 @@
+"""Layout and composition: regions (masks or boxes with their prompts), regional attention, MultiDiffusion."""
