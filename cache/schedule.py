@@ -41,7 +41,7 @@ def key_steps(steps: int, interval: int, schedule: str = UNIFORM, center: float 
 
 def check_interval(node: str, interval: int, steps_hint: int = 1000, name: str = "cache_interval") -> None:
     if interval < 1:
-        raise EditKitInputError(node, name, f"{interval} is below 1", "use 1 (no caching) or more; the paper uses 3 to 5")
+        raise EditKitInputError(node, name, f"{interval} is below 1", "use 1 or more")
     if interval > steps_hint:
         raise EditKitInputError(node, name, f"{interval} is above the number of sampling steps ({steps_hint})",
                                 f"use a value between 1 and {steps_hint}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .api import io
 from . import feedback
 
-from ..cache import deepcache
+from ..cache import deepcache, tgate, todo
 from ..cache.schedule import SCHEDULES, UNIFORM, check_interval, key_steps
 from ..core.errors import EditKitInputError, require
 from ..core.introspect import require_architecture
@@ -64,4 +64,71 @@ class DeepCache(io.ComfyNode):
         return io.NodeOutput(m, ui=feedback.show(cls, text=text))
 
 
-NODES = [DeepCache]
+class ToDoNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitToDo",
+            display_name="ToDo (downsample self-attention keys/values)",
+            category=CATEGORY,
+            description="ToDo (Smith et al. 2024): self-attention at the finest UNet levels attends to a downsampled "
+                        "grid of keys/values (queries keep every token), keeping ComfyUI's fast attention. Largest "
+                        "gain at high resolution. UNets (SD1.x, SD2.x, SDXL). With attention-control nodes that read "
+                        "self-attention maps, the maps are over the downsampled keys.",
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet model. The output is a patched clone."),
+                io.Int.Input("downsample_factor", default=2, min=1, max=8,
+                             tooltip="Per-side factor at the finest level (paper: 2, i.e. 4x fewer keys; 1 = off)."),
+                io.Int.Input("downsample_factor_level_2", default=1, min=1, max=8,
+                             tooltip="Per-side factor at the next coarser level (paper: 1 = untouched)."),
+                io.Combo.Input("method", options=list(todo.METHODS), default="nearest",
+                               tooltip="How the key/value grid is reduced (paper: nearest)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The clone with ToDo installed.")],
+        )
+
+    @classmethod
+    def execute(cls, model, downsample_factor, downsample_factor_level_2, method) -> io.NodeOutput:
+        node = "EditKitToDo"
+        require_architecture(model, {"unet"}, node, what="ToDo (UNet self-attention sites)")
+        require(downsample_factor >= 1, node, "downsample_factor", f"{downsample_factor} is below 1", "use 1 (off) to 8; paper: 2")
+        require(downsample_factor_level_2 >= 1, node, "downsample_factor_level_2", f"{downsample_factor_level_2} is below 1",
+                "use 1 (off) to 8")
+        require(method in todo.METHODS, node, "method", f"unknown method {method!r}", f"use one of {', '.join(todo.METHODS)}")
+        m = model.clone()
+        todo.install(m, todo.ToDoConfig(downsample_factor, downsample_factor_level_2, method))
+        return io.NodeOutput(m)
+
+
+class TGateNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitTGATE",
+            display_name="TGATE (cache cross-attention after the gate step)",
+            category=CATEGORY,
+            description="TGATE (Zhang et al. 2024): cross-attention runs in full only up to gate_step; afterwards each "
+                        "layer reuses its cached output (per branch and row) and, where cond and uncond then coincide, "
+                        "the uncond half of the batch is copied instead of computed. UNets (SD1.x, SD2.x, SDXL).",
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet model. The output is a patched clone."),
+                io.Int.Input("gate_step", default=10, min=1, max=1000,
+                             tooltip="Steps with full cross-attention (paper: 10 of 25). Must not exceed the step count."),
+                io.Boolean.Input("average_cond_uncond", default=True,
+                                 tooltip="Cache the mean of the cond and uncond cross-attention outputs (paper); off "
+                                         "keeps each row's own output (CFG still acts, no uncond skipping)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The clone with TGATE installed.")],
+        )
+
+    @classmethod
+    def execute(cls, model, gate_step, average_cond_uncond) -> io.NodeOutput:
+        node = "EditKitTGATE"
+        require_architecture(model, {"unet"}, node, what="TGATE (UNet cross-attention sites)")
+        check_interval(node, gate_step, name="gate_step")
+        m = model.clone()
+        tgate.install(m, tgate.TGateConfig(gate_step, bool(average_cond_uncond)))
+        return io.NodeOutput(m)
+
+
+NODES = [DeepCache, ToDoNode, TGateNode]

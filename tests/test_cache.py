@@ -11,7 +11,10 @@ from editkit.core.branches import with_branches
 from editkit.core.errors import EditKitInputError
 from editkit.core.features import Hook, install_hook
 from editkit.nodes.attention_control import PromptBatch, PromptToPromptNode
-from editkit.nodes.cache import DeepCache
+from editkit.cache.todo import downsample_tokens
+from editkit.core.introspect import attention_layout
+from editkit.core.patches import call_attention, chain_attn_replace
+from editkit.nodes.cache import DeepCache, TGateNode, ToDoNode
 from ek_helpers import node_out, sample_ksampler
 
 SRC = "a red circle on a white background"
@@ -107,18 +110,30 @@ def test_row_keys_follow_the_branch_contract():
     assert len(set(row_keys({"cond_or_uncond": [0, 0, 1]}, 3))) == 3      # extra chunks of one kind stay apart
 
 
-def test_p2p_pair_source_row_equals_the_source_alone(tiny_eps, tiny_clip, encode):
-    """Branches never read each other's cache: with DeepCache under Prompt-to-Prompt, the pair's source
-    row is the source prompt sampled alone with DeepCache, and the target is still an edit."""
+def _todo(model, f=2, f2=1, method="nearest"):
+    return node_out(ToDoNode.execute(model, f, f2, method))[0]
+
+
+def _tg(model, gate=2, average=True):
+    return node_out(TGateNode.execute(model, gate, average))[0]
+
+
+CACHES = {"deepcache": lambda m: _dc(m, 3), "tgate": lambda m: _tg(m, 2), "todo": lambda m: _todo(m)}
+
+
+@pytest.mark.parametrize("kind", list(CACHES))
+def test_p2p_pair_source_row_equals_the_source_alone(tiny_eps, tiny_clip, encode, kind):
+    """Branches never read each other's cache: with a cache under Prompt-to-Prompt, the pair's source
+    row is the source prompt sampled alone with the same cache, and the target is still an edit."""
     import nodes
     cond, lat = node_out(PromptBatch.execute(tiny_clip, SRC, TGT, 128, 128))
     neg = encode("")
     p2p = node_out(PromptToPromptNode.execute(tiny_eps, tiny_clip, SRC, TGT, "replace", 0.8, 0.4, "", "", 0.3))[0]
-    both = _dc(p2p, 3)
+    both = CACHES[kind](p2p)
     ks = lambda m, c, la: nodes.common_ksampler(m, 1, 6, 5.0, "euler", "normal", c, neg,
                                                 {"samples": la, "batch_index": [0] * la.shape[0]})[0]["samples"]
     pair = ks(both, cond, lat["samples"])
-    alone = ks(_dc(tiny_eps, 3), encode(SRC), lat["samples"][:1])
+    alone = ks(CACHES[kind](tiny_eps), encode(SRC), lat["samples"][:1])
     assert (pair[0] - alone[0]).abs().max() <= 1e-5 * alone[0].abs().max()   # batch-size rounding only
     assert (pair[1] - pair[0]).abs().mean() > 1e-3              # the target still differs: an edit
     uncached = ks(p2p, cond, lat["samples"])
@@ -148,3 +163,96 @@ def test_runs_do_not_share_a_cache(tiny_eps, encode):
     sample_ksampler(m, encode("a blue square"), encode(""), _lat(), steps=6, seed=5)
     b = sample_ksampler(m, encode("a red circle"), encode(""), _lat(), steps=6)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# ToDo
+# ---------------------------------------------------------------------------------------------
+
+def test_todo_factor_one_is_plain_and_nearest_keeps_every_other_token(tiny_eps, encode):
+    pos, neg = encode("a red circle"), encode("")
+    assert torch.equal(sample_ksampler(_todo(tiny_eps, 1), pos, neg, _lat(), steps=3),
+                       sample_ksampler(tiny_eps, pos, neg, _lat(), steps=3))
+    t = torch.randn(2, 6 * 8, 5)
+    grid = t.reshape(2, 6, 8, 5)
+    assert torch.equal(downsample_tokens(t, 6, 8, 2), grid[:, ::2, ::2].reshape(2, 12, 5))
+    assert torch.allclose(downsample_tokens(t, 6, 8, 2, "avg_pool"),
+                          grid.reshape(2, 3, 2, 4, 2, 5).mean((2, 4)).reshape(2, 12, 5), atol=1e-6)
+
+
+def test_todo_shrinks_keys_only_at_the_finest_level(tiny_eps, encode):
+    m = _todo(tiny_eps, 2, 1)
+    seen = []
+    lay = attention_layout(m)
+
+    def make(prev, site):
+        def fn(q, k, v, extra):
+            seen.append((site.downsample, q.shape[1], k.shape[1], v.shape[1]))
+            return call_attention(prev, q, k, v, extra)
+        return fn
+    for s in lay.sites:
+        chain_attn_replace(m, "attn1", s.key, lambda prev, s=s: make(prev, s))
+    out = sample_ksampler(m, encode("a red circle"), encode(""), _lat(size=16), steps=2)
+    assert torch.isfinite(out).all()
+    assert {d for d, *_ in seen} == {1, 2}
+    for d, lq, lk, lv in seen:
+        assert lk == lv == (lq // 4 if d == 1 else lq)
+
+
+# ---------------------------------------------------------------------------------------------
+# TGATE
+# ---------------------------------------------------------------------------------------------
+
+def test_tgate_gate_at_the_last_step_is_plain_exactly(tiny_eps, encode):
+    pos, neg = encode("a red circle"), encode("")
+    assert torch.equal(sample_ksampler(_tg(tiny_eps, 4), pos, neg, _lat(), steps=4),
+                       sample_ksampler(tiny_eps, pos, neg, _lat(), steps=4))
+
+
+def test_tgate_drops_cross_attention_and_the_uncond_half_after_the_gate(tiny_eps, encode):
+    pos, neg = encode("a red circle"), encode("")
+    m = _tg(tiny_eps, 2)
+    count = MiddleCounter(m)
+    ctx_tokens = []
+    m.set_model_attn2_output_patch(lambda n, extra: ctx_tokens.append(n.shape[0]) or n)
+    out = sample_ksampler(m, pos, neg, _lat(), steps=6)
+    assert count.rows == 2 * 2 + 1 * 4                    # cond+uncond before the gate, cond only after
+    plain = sample_ksampler(tiny_eps, pos, neg, _lat(), steps=6)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    assert (out - plain).norm() / plain.norm() < 0.25
+    # each row keeps its own cache: without averaging, CFG still acts and both halves run
+    m2 = _tg(tiny_eps, 2, average=False)
+    c2 = MiddleCounter(m2)
+    sample_ksampler(m2, pos, neg, _lat(), steps=6)
+    assert c2.rows == 12
+
+
+def test_tgate_cached_output_is_the_gate_steps_mean(tiny_eps, encode):
+    """Independent reference: the cross-attention outputs recorded at step gate-1 (full), averaged over
+    cond/uncond, are what every later step's cross-attention returns."""
+    pos, neg = encode("a red circle"), encode("")
+    m = _tg(tiny_eps, 2)
+    rec = []
+    m.set_model_attn2_output_patch(lambda n, extra: rec.append((float(extra["sigmas"][0]), tuple(extra["block"]),
+                                                               extra["block_index"], n.clone())) or n)
+    sample_ksampler(m, pos, neg, _lat(), steps=4)
+    sigmas = sorted({r[0] for r in rec}, reverse=True)
+    site = rec[0][1:3]
+    at = lambda s: [r[3] for r in rec if r[0] == s and r[1:3] == site][0]
+    gate = at(sigmas[1])                                   # step 1: the last full one (cond, uncond rows)
+    mean = gate.mean(0, keepdim=True)
+    for s in sigmas[2:]:
+        assert torch.allclose(at(s), mean, atol=1e-6)
+
+
+def test_todo_tgate_bad_inputs(tiny_eps, tiny_flux, encode):
+    with pytest.raises(EditKitInputError, match="gate_step"):
+        _tg(tiny_eps, 0)
+    with pytest.raises(EditKitInputError, match="gate_step"):
+        sample_ksampler(_tg(tiny_eps, 9), encode("a"), encode(""), _lat(), steps=4)
+    with pytest.raises(EditKitInputError, match="model"):
+        _tg(tiny_flux, 3)
+    with pytest.raises(EditKitInputError, match="downsample_factor"):
+        _todo(tiny_eps, 0)
+    with pytest.raises(EditKitInputError, match="model"):
+        _todo(tiny_flux)
