@@ -14,6 +14,7 @@ AREAS = (
     "lora",
     "drag",
     "training",
+    "cache",
 )
 
 
