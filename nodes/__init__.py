@@ -2,8 +2,8 @@
 
 
 def node_list() -> list:
-    from . import adapters, analysis, attention_control, editing, guidance, inversion, loaders, lora, toy
+    from . import adapters, analysis, attention_control, editing, guidance, inversion, layout, loaders, lora, toy
     nodes = []
-    for module in (loaders, editing, analysis, guidance, adapters, toy, inversion, attention_control, lora):
+    for module in (loaders, editing, analysis, guidance, adapters, toy, inversion, attention_control, lora, layout):
         nodes.extend(module.NODES)
     return nodes
