@@ -15,6 +15,7 @@ AREAS = (
     "drag",
     "training",
     "cache",
+    "layout",
 )
 
 
