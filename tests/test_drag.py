@@ -195,3 +195,14 @@ def test_drag_diffusion_tracks_the_handle_toward_its_target(toy_triple):
     after = (dict(model.model_options.get("transformer_options", {})), len(model.weight_wrappers)
              if hasattr(model, "weight_wrappers") else 0)
     assert after == before
+
+
+def test_drag_diffusion_node_bad_input(tiny_eps, encode):
+    from editkit.nodes.drag import DragDiffusion
+    pos, lat = encode("a red circle"), {"samples": torch.zeros(1, 4, 16, 16)}
+    with pytest.raises(ValueError, match="EditKitDragDiffusion: input 'inversion_steps'"):
+        DragDiffusion.execute(tiny_eps, pos, lat, _drag(), 10, 20, 4, 0.01, 0.1, 1.0, True, 0)
+    with pytest.raises(ValueError, match="EditKitDragDiffusion: input 'lr'"):
+        DragDiffusion.execute(tiny_eps, pos, lat, _drag(), 10, 5, 4, 0.0, 0.1, 1.0, True, 0)
+    with pytest.raises(ValueError, match="EditKitDragDiffusion: input 'drag'.*no handle/target"):
+        DragDiffusion.execute(tiny_eps, pos, lat, _drag(()), 10, 5, 4, 0.01, 0.1, 1.0, True, 0)
