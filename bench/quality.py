@@ -401,6 +401,10 @@ def main(argv=None):
     p.add_argument("--images", help="also save every scored result as a PNG under this folder (not committed)")
     p.add_argument("--rescore", metavar="IMAGES", help="score the images a run saved with --images again, no sampling")
     a = p.parse_args(argv)
+    if a.only and [o.lower() for o in a.only] == ["drag"]:   # the drag table (bench/quality_drag.py)
+        import quality_drag
+        return quality_drag.main((["--results", a.results] if a.results else []) + (["--no-save"] if a.no_save else [])
+                                 + (["--write-readme"] if a.write_readme else []) + (["--readme"] if a.readme else []))
     global RESULTS
     RESULTS = os.path.abspath(a.results) if a.results else RESULTS
     import comfy.utils

@@ -142,4 +142,67 @@ class SDEDrag(io.ComfyNode):
         return io.NodeOutput(res, ui=feedback.show(cls, text=d.describe() + "\n" + info.describe()))
 
 
-NODES = [DragPointsNode, SDEDrag]
+class DragDiffusion(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitDragDiffusion",
+            display_name="DragDiffusion (optimised drag editing)",
+            category="EditKit/drag",
+            description="DragDiffusion (Shi et al., CVPR 2024): DDIM-invert to one step, optimise that latent with motion "
+                        "supervision on decoder features and point tracking (inside the editable region), denoise with "
+                        "the source's self-attention keys/values. For the paper's identity LoRA, connect a model with a "
+                        "LoRA trained on the photo.",
+            inputs=[
+                io.Model.Input("model", tooltip="UNet models (SD1.x, SD2.x, SDXL); DiTs read the block at the same relative depth."),
+                io.Conditioning.Input("positive", tooltip="A prompt describing the photo."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt (used when cfg > 1)."),
+                io.Latent.Input("latent", tooltip="The photo as a latent (VAE Encode); the first row is dragged."),
+                Drag.Input("drag", tooltip="Handle/target points and editable region from EditKit Drag Points."),
+                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM schedule length (paper 50)."),
+                io.Int.Input("inversion_steps", default=35, min=1, max=1000,
+                             tooltip="Invert this many steps of the schedule and optimise there (paper 35 of 50)."),
+                io.Int.Input("iterations", default=80, min=1, max=1000, tooltip="Motion-supervision steps (paper 80)."),
+                io.Float.Input("lr", default=0.01, min=0.0001, max=1.0, step=0.001, tooltip="Adam learning rate of the latent (paper 0.01)."),
+                io.Float.Input("mask_weight", default=0.1, min=0.0, max=100.0, step=0.01,
+                               tooltip="lambda: keeps the latent outside the editable region (paper 0.1)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip="Guidance of the final denoise (paper 1)."),
+                io.Boolean.Input("reference_control", default=True,
+                                 tooltip="Decoder self-attention also attends to the source's keys/values while denoising."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip="Seed of the reference noise."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The dragged latent; decode it with the VAE.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, drag, steps, inversion_steps, iterations, lr, mask_weight, cfg,
+                reference_control, seed, negative=None) -> io.NodeOutput:
+        from ..core.features import decoder_point
+        from ..drag.drag_diffusion import drag_diffusion
+        node = "EditKitDragDiffusion"
+        require(1 <= inversion_steps <= steps, node, "inversion_steps", f"{inversion_steps} is not within 1..steps ({steps})",
+                "use e.g. 35 of 50")
+        require(iterations >= 1, node, "iterations", f"{iterations} steps cannot move anything", "use 40-80")
+        require(0.0 < lr <= 1.0, node, "lr", f"{lr} cannot work", "use 0.01 (the paper's)")
+        try:
+            decoder_point(model, -2)
+        except ValueError as e:
+            raise EditKitInputError(node, "model", f"this model has no decoder features to read ({e})",
+                                    "use a UNet (SD1.x, SD2.x, SDXL) or a DiT") from None
+        samples = latent["samples"][:1]
+        expected = model.model.latent_format.latent_channels
+        if samples.ndim != 4 or samples.shape[1] != expected:
+            raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
+                                    f"({expected} latent channels)", "encode the image with this model's VAE")
+        d = fit_drag(node, drag, samples)
+        bar = StepProgress(model, iterations + inversion_steps)
+        out, info = drag_diffusion(model, positive, negative, samples, d, steps, inversion_steps, iterations, lr,
+                                   lam=mask_weight, cfg=cfg, reference=reference_control, seed=seed, progress=bar.update)
+        res = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask", "batch_index")}
+        res["samples"] = out
+        return io.NodeOutput(res, ui=feedback.show(cls, text=d.describe() + "\n" + info.describe()))
+
+
+NODES = [DragPointsNode, SDEDrag, DragDiffusion]

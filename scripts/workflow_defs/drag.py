@@ -38,6 +38,30 @@ def sde_drag(family="sd15"):
     return b.build()
 
 
+def drag_diffusion(family="sd15"):
+    b = builder()
+    res = native(family)
+    note(b, family, "DragDiffusion: drag a point of your photo (latent optimisation)",
+         [photo_step(family),
+          "**EditKit Drag Points**: click a handle on the object, then its target; paint the region that may change.",
+          "**Photo prompt**: describe the photo. For the paper's identity LoRA, apply a LoRA trained on the photo to the model."],
+         "50 steps, invert 35, 80 motion-supervision steps, lr 0.01, lambda 0.1, CFG 1 (Shi et al. 2024).")
+    ld = checkpoint(b, family)
+    src = photo(b, ld.out("vae"), family)
+    pts = b.add("EditKitDragPoints", title="Drag points", points=example_points(res))
+    b.connect(src["image"].out(0), pts, "image")
+    pos = text(b, ld.out("clip"), SOURCE_PROMPT, "Photo prompt")
+    dd = b.add("EditKitDragDiffusion", title="DragDiffusion", toy={"inputs": {"steps": 12, "inversion_steps": 8, "iterations": 4}}, steps=50,
+               inversion_steps=35, iterations=80, lr=0.01, mask_weight=0.1, cfg=1.0, reference_control=True, seed=0)
+    b.connect(ld.out("model"), dd, "model")
+    b.connect(pos.out(0), dd, "positive")
+    b.connect(src["latent"].out(0), dd, "latent")
+    b.connect(pts.out(0), dd, "drag")
+    decode_and_save(b, dd.out(0), ld.out("vae"), "editkit_drag_diffusion", title="Decode the drag")
+    return b.build()
+
+
 WORKFLOWS = {
     "sde_drag": ("Editing - SDE-Drag", sde_drag),
+    "drag_diffusion": ("Editing - DragDiffusion", drag_diffusion),
 }

@@ -1,0 +1,183 @@
+"""Drag-editing table on the toy world (DragBench-style): `bench/quality.py --only drag`, or
+
+    .venv/bin/python bench/quality_drag.py [--n 32] [--which reference|shipped|both] [--write-readme]
+
+Cases: toyworld.editbench.drag_cases (two-object scenes, one object moved 16-40 px; handle = its
+centroid, goal = where the centroid should go). The editable region given to every method is the union of
+the object's old and new footprints, dilated 4 px (the user paints over the object and where it goes).
+Scoring: toyworld.scoring.score_drag (centroid error, look kept, other object put, no copy left behind,
+PSNR outside old and new footprints). Time per drag is a ratio to a plain 20-step txt2img in the same
+run; peak memory is the process's peak RSS increase during the method's calls (CPU).
+
+Results: bench/results/quality/drag.json and cases/drag-*.csv; --write-readme rewrites the README between
+<!-- bench-quality-drag:begin --> and <!-- bench-quality-drag:end -->.
+"""
+import argparse
+import csv
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from common import boot  # noqa: E402
+
+boot()
+
+from editkit.builtin_models import toy  # noqa: E402
+from editkit.drag.points import DragPoints  # noqa: E402
+from editkit.toyworld import editbench, scoring, shipped  # noqa: E402
+from editkit.toyworld.shipped import Setting  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results", "quality")
+README = os.path.join(ROOT, "README.md")
+MARK_BEGIN, MARK_END = "<!-- bench-quality-drag:begin -->", "<!-- bench-quality-drag:end -->"
+REGION_DILATE = 4
+
+SDE_DRAG_SHIPPED = {k: Setting("sde_drag.json", "EditKitSDEDrag", k) for k in ("t0", "steps", "cfg", "sub_moves", "radius")}
+SHIPPED_RESOLUTION = 512     # the shipped workflow's radius is in px of the SD1.5 photo
+
+
+def region(case) -> torch.Tensor:
+    from scipy.ndimage import binary_dilation
+    m = case.source.masks()[case.index] | case.target.masks()[case.index]
+    return torch.from_numpy(binary_dilation(m, iterations=REGION_DILATE)).float()
+
+
+def sde_drag_runner(ctx, case, s):
+    from editkit.nodes.drag import SDEDrag
+    d = DragPoints(case.source.size, case.source.size, ((case.handle, case.goal),)).with_mask(region(case))
+    lat = ctx.latent(case.source_image())
+    out = SDEDrag.execute(ctx.model, ctx.encode(case.source_prompt), {"samples": lat}, d, s["t0"], s["steps"], s["cfg"],
+                          s["sub_moves"], s["radius"](case), "normal", case.seed, negative=ctx.encode(""))
+    return ctx.decode(out.args[0]["samples"]).numpy()
+
+
+def rows(ctx, which: str):
+    ref = {"t0": 0.6, "steps": ctx.steps, "cfg": ctx.cfg, "sub_moves": 1,
+           "radius": lambda c: 0.75 * c.source.objects[c.index].size}
+    out = []
+    if which in ("reference", "both"):
+        out.append(("SDE-Drag", "reference", ref))
+    if which in ("shipped", "both"):
+        s = shipped.read_settings(SDE_DRAG_SHIPPED)
+        r = float(s["radius"])
+        s["radius"] = lambda c, r=r: r * c.source.size / SHIPPED_RESOLUTION
+        out.append(("SDE-Drag", "shipped", s))
+    return out
+
+
+def _label(s: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} scaled" for k, v in s.items())
+
+
+def run(n: int, which: str, results: str | None, write: bool) -> list:
+    import comfy.utils
+    comfy.utils.set_progress_bar_enabled(False)
+    cases = editbench.drag_cases(n, min_shift=16, max_shift=40)
+    model, clip, vae = toy.load_toy()
+    ctx = editbench.EditContext(model, clip, vae)
+    out = []
+    with torch.inference_mode():
+        plain = editbench.plain_time(ctx)
+        for name, kind, s in rows(ctx, which):
+            records, times = [], []
+            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            for c in cases:
+                t = time.perf_counter()
+                img = sde_drag_runner(ctx, c, s)
+                times.append(time.perf_counter() - t)
+                sc = c.score(img)
+                records.append({"case": c.name, "split": c.split, **sc.record(), "kept_look": sc.kept_look,
+                                "seconds": round(times[-1], 2)})
+            peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024.0
+            errs = [r["centroid_error"] for r in records]
+            finite = [e for e in errs if e is not None and np.isfinite(e)]
+            row = {"technique": name, "which": kind, "settings": _label(s), "n": len(cases),
+                   "success": str(scoring.rate(r["success"] for r in records)),
+                   "per_split": {k: str(v) for k, v in scoring.tally(records, key=lambda r: r["split"]).items()},
+                   "centroid_error_mean": round(float(np.mean(finite)), 2) if finite else None,
+                   "centroid_error_median": round(float(np.median(finite)), 2) if finite else None,
+                   "vanished": len(errs) - len(finite),
+                   "kept_look": str(scoring.rate(r["kept_look"] for r in records)),
+                   "others_ok": str(scoring.rate(r["others_ok"] for r in records)),
+                   "preserve_psnr_mean": round(float(np.mean([r["preserve_psnr"] for r in records])), 2),
+                   "seconds_per_drag": round(float(np.median(times)), 2), "time_vs_plain": round(float(np.median(times)) / plain, 2),
+                   "peak_rss_increase_mb": round(peak_mb, 1)}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+            if results:
+                os.makedirs(os.path.join(results, "cases"), exist_ok=True)
+                with open(os.path.join(results, "cases", f"drag-{name.lower()}-{kind}.csv"), "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(records[0]))
+                    w.writeheader()
+                    w.writerows(records)
+    if results:
+        path = os.path.join(results, "drag.json")
+        old = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+        keep = [r for r in old["rows"] if (r["technique"], r["which"]) not in {(x["technique"], x["which"]) for x in out}]
+        data = {"rows": keep + out, "plain_seconds": round(plain, 3), "cases": len(cases),
+                "host": _host()}
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+        if write:
+            write_readme(data)
+    return out
+
+
+def _host() -> str:
+    from common import host_line
+    return host_line()
+
+
+def table(data: dict) -> str:
+    lines = [f"Drag on the toy world ({data['cases']} cases, 16-40 px, two objects; 128 px; {data.get('host', '')})", "",
+             "| method | settings | success | mean / median centroid error (px) | look kept | other object put "
+             "| PSNR outside (dB) | time / drag (x plain) | peak RSS + (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['technique']} ({r['which']}) | {r['settings']} | {r['success']} | {r['centroid_error_mean']} / "
+                     f"{r['centroid_error_median']}" + (f" ({r['vanished']} vanished)" if r["vanished"] else "") +
+                     f" | {r['kept_look']} | {r['others_ok']} | {r['preserve_psnr_mean']} | {r['seconds_per_drag']} s "
+                     f"({r['time_vs_plain']}x) | {r['peak_rss_increase_mb']} |")
+    return "\n".join(lines)
+
+
+def write_readme(data: dict, path: str = README) -> None:
+    text = open(path).read()
+    block = MARK_BEGIN + "\n" + table(data) + "\n" + MARK_END
+    if MARK_BEGIN in text:
+        a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    open(path, "w").write(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--which", choices=("reference", "shipped", "both"), default="both")
+    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--write-readme", action="store_true")
+    p.add_argument("--readme", action="store_true", help="only rewrite the README table from the saved drag.json")
+    a = p.parse_args(argv)
+    if a.readme:
+        data = json.load(open(os.path.join(a.results, "drag.json")))
+        data["host"] = data.get("host") or _host()
+        write_readme(data)
+        return 0
+    rows_ = run(a.n, a.which, None if a.no_save else a.results, a.write_readme and not a.no_save)
+    print(table({"rows": rows_, "cases": a.n}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
