@@ -16,7 +16,7 @@ IDS = [os.path.basename(p) for p in WORKFLOWS]
 MODEL_EXT = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 # The Templates browser shows file names: "<Area> - <technique>", areas in this order (alphabetical).
-AREAS = ["Adapters", "Analysis", "Attention", "Editing", "Guidance", "Inversion", "LoRA", "Toy model"]
+AREAS = ["Adapters", "Analysis", "Attention", "Editing", "Guidance", "Inversion", "LoRA", "Speed", "Toy model"]
 TOY_LOADERS = {"EditKitToyModelLoader", "EditKitTinyModelLoader"}
 USER_LOADERS = {"CheckpointLoaderSimple", "CheckpointLoader", "UNETLoader"}
 
