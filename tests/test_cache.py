@@ -256,3 +256,20 @@ def test_todo_tgate_bad_inputs(tiny_eps, tiny_flux, encode):
         _todo(tiny_eps, 0)
     with pytest.raises(EditKitInputError, match="model"):
         _todo(tiny_flux)
+
+
+@pytest.mark.parametrize("kind", ["deepcache", "tgate"])
+def test_inversion_sampler_source_branch_never_reads_the_target_cache(tiny_eps, encode, kind):
+    """EditKitInversionSampler (source + target branches in one batch) with a cache: the source branch
+    is the same whatever the target prompt, while the target follows its prompt."""
+    from editkit.nodes.inversion import Invert
+    from ek_inversion_helpers import edit
+    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 0.5
+    pos = encode(SRC)
+    inv = node_out(Invert.execute(tiny_eps, {"samples": lat}, pos, 1.0, 6, "normal", 0))[1]
+    make = (lambda m: _dc(m, 2)) if kind == "deepcache" else (lambda m: _tg(m, 2))
+    a, _ = edit(make(tiny_eps), inv, encode(TGT), output="source + target")
+    b, _ = edit(make(tiny_eps), inv, encode("a green square on a black background"), output="source + target")
+    assert a.shape[0] == 2
+    assert (a[0] - b[0]).abs().max() <= 1e-5 * a[0].abs().max() + 1e-6
+    assert (a[1] - b[1]).abs().max() > 1e-4

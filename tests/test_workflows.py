@@ -16,7 +16,7 @@ IDS = [os.path.basename(p) for p in WORKFLOWS]
 MODEL_EXT = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft", ".onnx")
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 # The Templates browser shows file names: "<Area> - <technique>", areas in this order (alphabetical).
-AREAS = ['Adapters', 'Analysis', 'Attention', 'Editing', 'Guidance', 'Inversion', 'Layout', 'LoRA', 'Toy model', 'Training']
+AREAS = ["Adapters", "Analysis", "Attention", "Editing", "Guidance", "Inversion", "Layout", "LoRA", "Speed", "Toy model", "Training"]
 TOY_LOADERS = {"EditKitToyModelLoader", "EditKitTinyModelLoader"}
 USER_LOADERS = {"CheckpointLoaderSimple", "CheckpointLoader", "UNETLoader"}
 

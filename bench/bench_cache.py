@@ -1,0 +1,109 @@
+"""Speed caches vs plain sampling, in the same run: EditKit DeepCache / ToDo / TGATE and ComfyUI's own
+EasyCache, LazyCache and ToMe (TomePatchModel), at equal steps.
+
+1. SD1.5 layout (random weights, host compute dtype, 32x32 latent = 256 px, batch cond+uncond):
+   wall time of a 10-step euler KSampler run per arm, as a ratio to plain (interleaved, median).
+2. Toy model, 20-step euler txt2img at 128 px, CFG 5: wall time of the whole set and accuracy
+   (toyworld/scoring.score_prompt) on held-out single objects and two-object scenes, with and
+   without each cache.
+
+`.venv/bin/python bench/run.py cache` (env BENCH_CACHE_N = images per toy split, default 16).
+"""
+import os
+import time
+
+import torch
+
+from common import interleaved, sd15
+
+TITLE = "Speed caches: speed-up at equal steps vs plain (same run), toy accuracy"
+SLOW = True   # the full-size part takes > 30 min on the shared 2-core host
+
+
+def arms():
+    """{name: fn(model) -> patched clone}. Node defaults (paper settings) unless a variant says otherwise."""
+    from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
+    from comfy_extras.nodes_tomesd import TomePatchModel
+    from editkit.nodes.cache import DeepCache, TGateNode, ToDoNode
+
+    def out(r):
+        r = r.result if hasattr(r, "result") else r
+        return r[0]
+
+    def tome(m, ratio=0.3):
+        return out(TomePatchModel.execute(m, ratio))
+
+    return {
+        "plain": lambda m: m,
+        "EditKit DeepCache N=3": lambda m: out(DeepCache.execute(m, 3, 0, "uniform", 0.0, 1.0)),
+        "EditKit DeepCache N=5": lambda m: out(DeepCache.execute(m, 5, 0, "uniform", 0.0, 1.0)),
+        "EditKit DeepCache N=3 non-uniform": lambda m: out(DeepCache.execute(m, 3, 0, "non-uniform", 0.0, 1.0)),
+        "EditKit ToDo x2": lambda m: out(ToDoNode.execute(m, 2, 1, "nearest")),
+        "EditKit TGATE gate 40%": None,   # gate step set per run length below
+        "core EasyCache (defaults)": lambda m: out(EasyCacheNode.execute(m, 0.2, 0.15, 0.95, False)),
+        "core LazyCache (defaults)": lambda m: out(LazyCacheNode.execute(m, 0.2, 0.15, 0.95, False)),
+        "core ToMe ratio 0.3": tome,
+    }
+
+
+def _tgate(steps):
+    from editkit.nodes.cache import TGateNode
+    return lambda m: (lambda r: (r.result if hasattr(r, "result") else r)[0])(TGateNode.execute(m, max(1, round(0.4 * steps)), True))
+
+
+def _make(steps):
+    a = arms()
+    a["EditKit TGATE gate 40%"] = _tgate(steps)
+    return a
+
+
+def fullsize_rows(steps=10, size=32, repeats=2):
+    import nodes
+    from editkit.builtin_models.fullsize import sd15_conditioning
+    base = sd15()
+    cond, neg = sd15_conditioning(), sd15_conditioning(seed=1)
+    lat = {"samples": torch.zeros(1, 4, size, size)}
+    models = {k: f(base) for k, f in _make(steps).items()}
+
+    def run(m):
+        return lambda: nodes.common_ksampler(m, 1, steps, 7.5, "euler", "normal", cond, neg, lat)
+
+    with torch.inference_mode():
+        t = interleaved({k: run(m) for k, m in models.items()}, repeats=repeats, warmup=0)
+    return {k: t["plain"] / v for k, v in t.items()}
+
+
+def toy_rows(n=16, steps=20):
+    from editkit.builtin_models import toy
+    from editkit.toyworld import evaluate, scoring, world
+    model, clip, vae = toy.load_toy_cached()[:3]
+    held = [world.sample_scene(1000 + i, split="heldout") for i in range(n)]
+    two = [world.sample_scene(2000 + i, n_objects=2) for i in range(n)]
+    scenes = held + two
+    prompts, seeds = [s.caption for s in scenes], [s.seed for s in scenes]
+    res = {}
+    with torch.inference_mode():     # warm-up, so the first (plain) arm does not pay one-time costs
+        evaluate.txt2img(model, clip, vae, prompts[:1], seeds[:1], steps=2, cfg=5.0)
+    for name, fn in _make(steps).items():
+        m = fn(model.clone())
+        with torch.inference_mode():
+            t = time.perf_counter()
+            imgs = evaluate.txt2img(m, clip, vae, prompts, seeds, steps=steps, cfg=5.0)
+            secs = time.perf_counter() - t
+        ok = [scoring.score_prompt(img.numpy(), s).ok for img, s in zip(imgs, scenes)]
+        res[name] = (secs, scoring.rate(ok[:n]), scoring.rate(ok[n:]))
+    return res
+
+
+def run():
+    n = int(os.environ.get("BENCH_CACHE_N", "16"))
+    full = fullsize_rows()
+    toyr = toy_rows(n)
+    plain_t = toyr["plain"][0]
+    rows = []
+    for name in full:
+        secs, held, two = toyr[name]
+        rows.append({"arm": name, "SD1.5 layout speed-up (10 steps)": f"{full[name]:.2f}x",
+                     "toy speed-up (20 steps)": f"{plain_t / secs:.2f}x",
+                     "toy held-out accuracy": str(held), "toy two-object accuracy": str(two)})
+    return rows
