@@ -56,4 +56,40 @@ def dreambooth_lora(family="sd15"):
     return b.build()
 
 
-WORKFLOWS = {"dreambooth_lora": ("Training - DreamBooth-LoRA", dreambooth_lora)}
+def textual_inversion(family="sd15"):
+    b = builder()
+    note(b, family, "Textual inversion: a new word for your concept, learned from a few photos",
+         ["**Load Image**: 3-5 photos of the concept (add Load Image + Image Batch nodes for more; any size: "
+          "Image Scale crops them to one size).",
+          "**Textual Inversion Train**: a caption with the placeholder (`<my-concept>`), one word of its class as "
+          "init word. It writes models/embeddings/<name>.safetensors.",
+          "**Prompt**: any prompt box takes `embedding:<name>` (here built from the node's output, so the "
+          "prompt is encoded after training)."],
+         "3000 steps, AdamW lr 5e-3, one vector initialised from the init word (Gal et al. 2023).")
+    ld = checkpoint(b, family)
+    enc = _concept_images(b, ld.out("vae"), family)
+    tr = b.add("EditKitTextualInversionTrain", title="Textual Inversion Train", toy={"inputs": {"steps": 200}},
+               captions="a photo of <my-concept>", placeholder="<my-concept>", init_word="dog",
+               name="editkit_concept", num_vectors=1, steps=3000, learning_rate=5e-3, batch_size=1, seed=0,
+               resume=False)
+    b.connect(ld.out("model"), tr, "model")
+    b.connect(ld.out("clip"), tr, "clip")
+    b.connect(enc.out(0), tr, "latent")
+    prompt = b.add("StringConcatenate", title="Prompt with the new word", string_a="a photo of", string_b="",
+                   delimiter=" ")
+    b.connect(tr.out(0), prompt, "string_b")
+    pos = b.add("CLIPTextEncode", title="Encode the prompt", text="")
+    b.connect(ld.out("clip"), pos, "clip")
+    b.connect(prompt.out(0), pos, "text")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+    b.connect(ld.out("model"), ks, "model")
+    b.connect(pos.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
+    b.connect(empty_latent(b, family).out(0), ks, "latent_image")
+    decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_textual_inversion")
+    return b.build()
+
+
+WORKFLOWS = {"dreambooth_lora": ("Training - DreamBooth-LoRA", dreambooth_lora),
+             "textual_inversion": ("Training - Textual inversion", textual_inversion)}
