@@ -246,4 +246,108 @@ class TextualInversionTrain(io.ComfyNode):
         return io.NodeOutput(token, text, ui=feedback.show(cls, text=text))
 
 
-NODES = [DreamBoothLoRATrain, TextualInversionTrain]
+CD_NODE = "EditKitCustomDiffusionTrain"
+
+
+class CustomDiffusionTrain(io.ComfyNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=CD_NODE,
+            display_name="Custom Diffusion Train",
+            category="EditKit/training",
+            description="Custom Diffusion (Kumari et al. 2023): fine-tune only the cross-attention key/value "
+                        "projections plus a new modifier token, with prior preservation on class images the model "
+                        "generates (cached). Writes models/loras/<name>.safetensors (the K/V deltas, core Load LoRA "
+                        "applies them) and models/embeddings/<name>.safetensors (type embedding:<name>); returns the "
+                        "model with the deltas loaded. Your model and CLIP are untouched.",
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's model (an SD-style UNet; not changed)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's text encoder (not changed)."),
+                io.Latent.Input("latent", tooltip="VAE Encode of the 4-8 concept images (one size; scale them first)."),
+                io.String.Input("captions", default="photo of a <new1> dog", multiline=True,
+                                tooltip="One caption per image (one per line) or one for all; each contains the placeholder."),
+                io.String.Input("placeholder", default="<new1>",
+                                tooltip="The modifier token V* in the captions (not a vocabulary word)."),
+                io.String.Input("init_word", default="dog", tooltip="One word the token's embedding starts from."),
+                io.String.Input("class_prompt", default="photo of a dog",
+                                tooltip="Prompt of the concept's class (prior preservation images)."),
+                io.String.Input("name", default="editkit_custom_diffusion",
+                                tooltip="File name of the LoRA (models/loras/) and embedding (models/embeddings/)."),
+                io.Int.Input("steps", default=250, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-5, min=0.0, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate (paper: 1e-5 per image of the batch)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
+                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the class-image loss (0: no prior preservation)."),
+                io.Int.Input("class_images", default=200, min=0, max=1000,
+                             tooltip="How many class images the model generates for the prior (cached)."),
+                io.Int.Input("class_steps", default=30, min=1, max=200, tooltip="Sampling steps of each class image."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue from the checkpoint an interrupted run with the same settings left."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the K/V deltas loaded (as Load LoRA would)."),
+                io.String.Output(display_name="lora_name", tooltip="The K/V delta file as Load LoRA lists it."),
+                io.String.Output(display_name="embedding", tooltip="What to type in a prompt: embedding:<name>."),
+                io.String.Output(display_name="report", tooltip="Steps, loss at the start and the end, files written."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, captions, placeholder, init_word, class_prompt, name, steps,
+                learning_rate, batch_size, prior_loss_weight, class_images, class_steps, seed, resume) -> io.NodeOutput:
+        from ..lora import st_io
+        from ..training import custom_diffusion as CD
+        from ..training import lora as TL
+        from ..training import loop, paths, prior
+        from ..training import textual_inversion as TI
+        node = CD_NODE
+        settings = _settings(node, steps, learning_rate, batch_size, seed, weight_decay=1e-2)
+        ph = (placeholder or "").strip()
+        require(bool(ph) and " " not in ph, node, "placeholder", f"{placeholder!r} is not one pseudo-word",
+                "use e.g. <new1>")
+        use_prior = prior_loss_weight > 0 and class_images > 0
+        require(not use_prior or bool((class_prompt or "").strip()), node, "class_prompt",
+                "prior preservation needs the class prompt", "write e.g. 'photo of a dog', or set class_images to 0")
+        lora_path, lora_name = _output(node, "loras", name)
+        emb_path, emb_name = _output(node, "embeddings", name)
+        _check_trainable(node, model)
+        x0 = _latents(node, model, latent)
+        caps = _captions(node, captions, x0.shape[0])
+        cls_lat, cls_cond, hit = None, None, False
+        if use_prior:
+            cls_cond = clip.encode_from_tokens_scheduled(clip.tokenize(class_prompt))
+            neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+            raw, hit = prior.class_latents(model, cls_cond, neg, x0.shape[1:], class_images, class_steps, 7.5, seed)
+            cls_lat = model.model.process_latent_in(raw)
+        ckpt = paths.checkpoint_file("custom_diffusion", lora_name)
+        try:
+            concept, diffs, res = CD.train(model, clip, x0, caps, ph, (init_word or "").strip(), settings, cls_lat,
+                                           cls_cond, prior_loss_weight, checkpoint_path=ckpt,
+                                           resume=ckpt if resume and os.path.exists(ckpt) else None,
+                                           node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+        except TI.CaptionError as e:
+            raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
+        except loop.TrainingInterrupted as e:
+            _interrupted(e, node)
+        meta = {"editkit_training": "custom_diffusion", "placeholder": ph, "steps": str(steps)}
+        sd = diffs.state_dict()
+        st_io.save(sd, lora_path, meta)
+        st_io.save(concept.file(), emb_path, meta)
+        if os.path.exists(ckpt):
+            os.remove(ckpt)
+        out_model, _ = TL.apply_saved(model, None, sd, 1.0, 0.0)
+        token = "embedding:" + os.path.splitext(emb_name)[0]
+        text = (_loss_text(res, steps) + f"\nclass images: {class_images if use_prior else 0}" + (" (cached)" if hit else "")
+                + f"\nsaved models/loras/{lora_name} (K/V deltas) and models/embeddings/{emb_name}"
+                + f"\nprompt with {token}")
+        return io.NodeOutput(out_model, lora_name, token, text, ui=feedback.show(cls, text=text))
+
+
+NODES = [DreamBoothLoRATrain, TextualInversionTrain, CustomDiffusionTrain]

@@ -141,3 +141,31 @@ def test_textual_inversion_bad_input(tiny_eps, tiny_clip, change, input_name):
     assert err.value.input_name == input_name, str(err.value)
     import folder_paths
     assert folder_paths.get_full_path("embeddings", "ek_test_ti_bad.safetensors") is None
+
+
+def test_custom_diffusion_trains_only_cross_kv_and_loads_with_core_loaders(tiny_eps, tiny_clip, encode):
+    """The LoRA file holds full K/V deltas of attn2 only (core LoraLoader applies them exactly as the node's model),
+    the embedding file is read by ComfyUI's tokenizer."""
+    import comfy.sd1_clip
+    import folder_paths
+    import nodes
+    from safetensors.torch import load_file
+    from editkit.nodes.training import CustomDiffusionTrain
+    model, lora_name, token, report = node_out(CustomDiffusionTrain.execute(
+        model=tiny_eps, clip=tiny_clip, latent=_latent(), captions="photo of a <ek-new1> circle",
+        placeholder="<ek-new1>", init_word="circle", class_prompt="photo of a circle", name="ek_test_cd", steps=4,
+        learning_rate=1e-2, batch_size=1, prior_loss_weight=1.0, class_images=1, class_steps=2, seed=0, resume=False))
+    lpath = folder_paths.get_full_path("loras", lora_name)
+    sd = load_file(lpath)
+    assert sd and all(k.endswith(".diff") and (".attn2.to_k" in k or ".attn2.to_v" in k) for k in sd)
+    assert max(float(v.abs().max()) for v in sd.values()) > 1e-4
+    loaded, _ = nodes.LoraLoader().load_lora(tiny_eps, tiny_clip, lora_name, 1.0, 1.0)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    s, c = float(tiny_eps.model.model_sampling.sigmas[300]), encode("photo of a circle")
+    torch.testing.assert_close(D.predict_x0(loaded, x, s, c), D.predict_x0(model, x, s, c), rtol=1e-5, atol=1e-7)
+    tok = comfy.sd1_clip.SDTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                     embedding_size=32, embedding_key="clip_l")
+    pairs = tok.tokenize_with_weights("photo of a " + token + " circle")
+    assert sum(torch.is_tensor(t[0]) for t in pairs[0]) == 1
+    os.remove(lpath)
+    os.remove(folder_paths.get_full_path("embeddings", "ek_test_cd.safetensors"))

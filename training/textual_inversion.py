@@ -98,31 +98,40 @@ def embedding_file(vectors: dict) -> dict:
     return {"clip_" + k: v.detach().float().cpu().contiguous() for k, v in vectors.items()}
 
 
+class Concept:
+    """The trainable word: fp32 vectors per encoder, the captions' conds (named caption_<i>) and the
+    differentiable context of each caption."""
+
+    def __init__(self, clip, captions: list[str], placeholder: str, init_word: str, n_vectors: int = 1):
+        check_placeholder(clip, placeholder)
+        init = init_vectors(clip, init_word, n_vectors)
+        self.keys = list(init)
+        self.params = loop.master_parameters([init[k] for k in self.keys])
+        self.vectors = dict(zip(self.keys, self.params))
+        caps = [prepare_caption(clip, c, placeholder, init_word, n_vectors) for c in captions]
+        self.names = [f"caption_{i}" for i in range(len(captions))]
+        self.conds = {n: clip.encode_from_tokens_scheduled(cap.tokens) for n, cap in zip(self.names, caps)}
+        self._caps = dict(zip(self.names, caps))
+        self._clip = G.gradient_clip(clip)
+
+    def context(self, name):
+        """The caption's cross-attention context with the trainable vectors (None for other conds)."""
+        cap = self._caps.get(name)
+        if cap is None:
+            return None
+        dev = self.params[0].device
+        return self._clip.encode_from_tokens(tokens_with(cap, {k: v.to(dev) for k, v in self.vectors.items()}))
+
+    def file(self) -> dict:
+        return embedding_file(self.vectors)
+
+
 def train(model, clip, latents: torch.Tensor, captions: list[str], placeholder: str, init_word: str,
           settings: loop.Settings, n_vectors: int = 1, checkpoint_path: Optional[str] = None,
           resume: Optional[str] = None, node_id: Optional[str] = None, stop=None):
     """(vectors {key: (n, dim) fp32}, loop.Result). latents: sampler space (N, C, H, W), one caption each."""
-    check_placeholder(clip, placeholder)
-    init = init_vectors(clip, init_word, n_vectors)
-    keys = list(init)
-    params = loop.master_parameters([init[k] for k in keys])
-    vectors = dict(zip(keys, params))
-    caps = [prepare_caption(clip, c, placeholder, init_word, n_vectors) for c in captions]
-    conds, names = {}, []
-    for i, (c, cap) in enumerate(zip(captions, caps)):
-        name = f"caption_{i}"
-        conds[name] = clip.encode_from_tokens_scheduled(cap.tokens)
-        names.append(name)
-    gclip = G.gradient_clip(clip)
-    by_name = dict(zip(names, caps))
-
-    def context(name):
-        cap = by_name[name]
-        dev = [p.device for p in params][0]
-        cond = gclip.encode_from_tokens(tokens_with(cap, {k: v.to(dev) for k, v in vectors.items()}))
-        return cond
-
-    examples = [loop.Example(x, n) for x, n in zip(latents, names)]
-    res = loop.train(model, conds, examples, params, settings, context=context, checkpoint_path=checkpoint_path,
-                     resume=resume, node_id=node_id, stop=stop)
-    return {k: v.detach() for k, v in vectors.items()}, res
+    concept = Concept(clip, captions, placeholder, init_word, n_vectors)
+    examples = [loop.Example(x, n) for x, n in zip(latents, concept.names)]
+    res = loop.train(model, concept.conds, examples, concept.params, settings, context=concept.context,
+                     checkpoint_path=checkpoint_path, resume=resume, node_id=node_id, stop=stop)
+    return {k: v.detach() for k, v in concept.vectors.items()}, res

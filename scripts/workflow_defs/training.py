@@ -56,4 +56,79 @@ def dreambooth_lora(family="sd15"):
     return b.build()
 
 
-WORKFLOWS = {"dreambooth_lora": ("Training - DreamBooth-LoRA", dreambooth_lora)}
+def textual_inversion(family="sd15"):
+    b = builder()
+    note(b, family, "Textual inversion: a new word for your concept, learned from a few photos",
+         ["**Load Image**: 3-5 photos of the concept (add Load Image + Image Batch nodes for more; any size: "
+          "Image Scale crops them to one size).",
+          "**Textual Inversion Train**: a caption with the placeholder (`<my-concept>`), one word of its class as "
+          "init word. It writes models/embeddings/<name>.safetensors.",
+          "**Prompt**: any prompt box takes `embedding:<name>` (here built from the node's output, so the "
+          "prompt is encoded after training)."],
+         "3000 steps, AdamW lr 5e-3, one vector initialised from the init word (Gal et al. 2023).")
+    ld = checkpoint(b, family)
+    enc = _concept_images(b, ld.out("vae"), family)
+    tr = b.add("EditKitTextualInversionTrain", title="Textual Inversion Train", toy={"inputs": {"steps": 200}},
+               captions="a photo of <my-concept>", placeholder="<my-concept>", init_word="dog",
+               name="editkit_concept", num_vectors=1, steps=3000, learning_rate=5e-3, batch_size=1, seed=0,
+               resume=False)
+    b.connect(ld.out("model"), tr, "model")
+    b.connect(ld.out("clip"), tr, "clip")
+    b.connect(enc.out(0), tr, "latent")
+    prompt = b.add("StringConcatenate", title="Prompt with the new word", string_a="a photo of", string_b="",
+                   delimiter=" ")
+    b.connect(tr.out(0), prompt, "string_b")
+    pos = b.add("CLIPTextEncode", title="Encode the prompt", text="")
+    b.connect(ld.out("clip"), pos, "clip")
+    b.connect(prompt.out(0), pos, "text")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+    b.connect(ld.out("model"), ks, "model")
+    b.connect(pos.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
+    b.connect(empty_latent(b, family).out(0), ks, "latent_image")
+    decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_textual_inversion")
+    return b.build()
+
+
+def custom_diffusion(family="sd15"):
+    b = builder()
+    note(b, family, "Custom Diffusion: teach the model your subject through its cross-attention K/V and a new token",
+         ["**Load Image**: 4-8 photos of the subject (add Load Image + Image Batch nodes for more).",
+          "**Custom Diffusion Train**: captions with the modifier token (`<new1>`) before the class word, the class "
+          "prompt for prior preservation (class images generated once, cached). It writes the K/V deltas to "
+          "models/loras/<name>.safetensors and the token to models/embeddings/<name>.safetensors.",
+          "**Prompt**: `embedding:<name>` before the class word (built from the node's output here)."],
+         "250 steps, AdamW lr 1e-5, K/V of every cross-attention + the token, prior weight 1 with 200 class "
+         "images (Kumari et al. 2023).")
+    ld = checkpoint(b, family)
+    enc = _concept_images(b, ld.out("vae"), family)
+    tr = b.add("EditKitCustomDiffusionTrain", title="Custom Diffusion Train",
+               toy={"inputs": {"steps": 60, "class_images": 2, "class_steps": 2}},
+               captions="photo of a <new1> dog", placeholder="<new1>", init_word="dog", class_prompt="photo of a dog",
+               name="editkit_custom_diffusion", steps=250, learning_rate=1e-5, batch_size=1, prior_loss_weight=1.0,
+               class_images=200, class_steps=30, seed=0, resume=False)
+    b.connect(ld.out("model"), tr, "model")
+    b.connect(ld.out("clip"), tr, "clip")
+    b.connect(enc.out(0), tr, "latent")
+    prompt = b.add("StringConcatenate", title="Prompt with the new token", string_a="photo of a", string_b="",
+                   delimiter=" ")
+    b.connect(tr.out(2), prompt, "string_b")
+    suffix = b.add("StringConcatenate", title="Prompt suffix", string_a="", string_b="dog in the snow", delimiter=" ")
+    b.connect(prompt.out(0), suffix, "string_a")
+    pos = b.add("CLIPTextEncode", title="Encode the prompt", text="")
+    b.connect(ld.out("clip"), pos, "clip")
+    b.connect(suffix.out(0), pos, "text")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+    b.connect(tr.out(0), ks, "model")
+    b.connect(pos.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
+    b.connect(empty_latent(b, family).out(0), ks, "latent_image")
+    decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_custom_diffusion")
+    return b.build()
+
+
+WORKFLOWS = {"custom_diffusion": ("Training - Custom Diffusion", custom_diffusion),
+             "dreambooth_lora": ("Training - DreamBooth-LoRA", dreambooth_lora),
+             "textual_inversion": ("Training - Textual inversion", textual_inversion)}
