@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .api import io
+from .base import EditKitNode
 from . import feedback
 
 from ..cache import deepcache, tgate, todo
@@ -12,7 +13,7 @@ from ..core.introspect import require_architecture
 CATEGORY = "EditKit/speed"
 
 
-class DeepCache(io.ComfyNode):
+class DeepCache(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -64,7 +65,7 @@ class DeepCache(io.ComfyNode):
         return io.NodeOutput(m, ui=feedback.show(cls, text=text))
 
 
-class ToDoNode(io.ComfyNode):
+class ToDoNode(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -100,7 +101,7 @@ class ToDoNode(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-class TGateNode(io.ComfyNode):
+class TGateNode(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import comfy.samplers
 from .api import io
+from .base import EditKitNode
 
 from ..core.errors import EditKitInputError, require
 from ..core.progress import StepProgress
@@ -19,7 +20,7 @@ def drag_input_error(node: str, input_name: str, e: DragError) -> EditKitInputEr
     return EditKitInputError(node, input_name, f"{e.field}: {e.problem}", e.fix)
 
 
-class DragPointsNode(io.ComfyNode):
+class DragPointsNode(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -80,7 +81,7 @@ def fit_drag(node: str, drag: DragPoints, samples) -> DragPoints:
         raise drag_input_error(node, "drag", e) from None
 
 
-class SDEDrag(io.ComfyNode):
+class SDEDrag(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -142,7 +143,7 @@ class SDEDrag(io.ComfyNode):
         return io.NodeOutput(res, ui=feedback.show(cls, text=d.describe() + "\n" + info.describe()))
 
 
-class DragDiffusion(io.ComfyNode):
+class DragDiffusion(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod

@@ -88,7 +88,7 @@ def _mask_overlay(image, mask):
     return (img * (1 - alpha) + heat * alpha).clamp(0, 1)
 
 
-class DiffEditMask(io.ComfyNode):
+class DiffEditMask(EditKitNode):
     EDITKIT_SHOWS = ("image", "text")
 
     @classmethod

@@ -383,7 +383,7 @@ class GuidancePlot(EditKitNode):
         return io.NodeOutput(image, ui=feedback.show(cls, images=image))
 
 
-class TermSEGA(io.ComfyNode):
+class TermSEGA(EditKitNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from .api import io
+from .base import EditKitNode
 
 from . import feedback
 from ..core.errors import require
@@ -22,7 +23,7 @@ def _regions(node: str, regions, model) -> tuple:
     return tuple(regions)
 
 
-class Region(io.ComfyNode):
+class Region(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -59,7 +60,7 @@ class Region(io.ComfyNode):
         return io.NodeOutput(out, ui=feedback.show(cls, text="\n".join(x.describe() for x in out)))
 
 
-class RegionalAttention(io.ComfyNode):
+class RegionalAttention(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -107,7 +108,7 @@ class RegionalAttention(io.ComfyNode):
         return io.NodeOutput(m, ui=feedback.show(cls, text=text))
 
 
-class MultiDiffusion(io.ComfyNode):
+class MultiDiffusion(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -150,7 +151,7 @@ class MultiDiffusion(io.ComfyNode):
         return io.NodeOutput(m, ui=feedback.show(cls, text=text))
 
 
-class ShowRegions(io.ComfyNode):
+class ShowRegions(EditKitNode):
     EDITKIT_SHOWS = ("image",)
 
     @classmethod

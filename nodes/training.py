@@ -9,6 +9,7 @@ import os
 
 from . import feedback
 from .api import io
+from .base import EditKitNode
 
 from ..core.errors import EditKitInputError, require
 
@@ -62,7 +63,7 @@ def _loss_text(res, steps):
     return text
 
 
-class DreamBoothLoRATrain(io.ComfyNode):
+class DreamBoothLoRATrain(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -171,7 +172,7 @@ def _captions(node, text, n):
     return lines
 
 
-class TextualInversionTrain(io.ComfyNode):
+class TextualInversionTrain(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
@@ -249,7 +250,7 @@ class TextualInversionTrain(io.ComfyNode):
 CD_NODE = "EditKitCustomDiffusionTrain"
 
 
-class CustomDiffusionTrain(io.ComfyNode):
+class CustomDiffusionTrain(EditKitNode):
     EDITKIT_SHOWS = ("text",)
 
     @classmethod
