@@ -294,15 +294,15 @@ def readme_block(data: dict) -> str:
         "**Settings.** *reference* rows run at the benchmark's reference settings "
         f"({st['steps']}-step Euler, CFG {st['cfg']:g}, node defaults; SDEdit at three t0); *shipped* rows run at the settings "
         "read at run time from the workflow files a user loads"
-        + (f" ({', '.join('`workflows/' + f + '`' for f in shipped_files)}; rows combining two techniques take each "
+        + (f" ({', '.join('`workflows/' + shipped.file_title(f) + '`' for f in shipped_files)}; rows combining two techniques take each "
            "one's settings from its own workflow)" if shipped_files else "")
         + "; *reference = shipped* marks a row where they agree. Euler sampler and normal schedule unless the row says otherwise.",
         "",
         tables(data),
         "",
-        f"Measured {data['date']} on {data['machine']} (compute dtype {data.get('dtype', 'n/a')}); the last full run took "
-        f"{data.get('run_minutes', float('nan')):.0f} min (CPU shared with other jobs, so wall times are inflated; the "
-        "time ratios are taken within the run). Per-case results: `bench/results/quality/cases/` (one CSV per row).",
+        f"Measured {data['date']} on {data['machine']} (compute dtype {data.get('dtype', 'n/a')}); "
+        + (f"the last full run took {data['run_minutes']:.0f} min " if data.get("run_minutes") else "measured in subset runs ")
+        + "(CPU shared with other jobs, so wall times are inflated; the time ratios are taken within the run). Per-case results: `bench/results/quality/cases/` (one CSV per row).",
     ]
     if data.get("notes"):
         lines += ["", data["notes"]]

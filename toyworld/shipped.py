@@ -56,6 +56,12 @@ def _find(wid: str, workflows_dir: str | None) -> str | None:
     return None
 
 
+def file_title(name: str, workflows_dir: str | None = None) -> str:
+    """The file name a user sees for the shipped workflow `name` ("sdedit.json" or id "sdedit")."""
+    found = _find(name[:-5] if name.endswith(".json") else name, workflows_dir)
+    return os.path.basename(found) if found else name
+
+
 def load_api(name: str, workflows_dir: str | None = None) -> dict:
     """A shipped workflow, by its stable id (e.g. "sdedit"), as an API prompt {id: {"class_type", "inputs", "_meta"}}."""
     wid = name[:-5] if name.endswith(".json") else name
