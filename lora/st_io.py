@@ -181,7 +181,9 @@ class StreamWriter:
     def __init__(self, path: str, metadata: dict | None = None):
         self.path = path
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
-        self._dir = tempfile.mkdtemp(prefix=".editkit-st-", dir=os.path.dirname(os.path.abspath(path)) or None)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)     # a fresh models folder may not have embeddings/ or loras/ yet
+        self._dir = tempfile.mkdtemp(prefix=".editkit-st-", dir=folder)
         self._spools: dict[int, tuple] = {}   # element size -> (file, [(name, dtype, shape, begin, end)], size)
         self._names: set = set()
         self.nbytes = 0
