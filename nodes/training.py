@@ -16,6 +16,12 @@ from ..core.errors import EditKitInputError, require
 DB_NODE = "EditKitDreamBoothLoRATrain"
 
 
+def _resume_input():
+    # every trainer resumes the same way (training.loop checkpoints), so one input definition
+    return io.Boolean.Input("resume", default=False,
+                            tooltip="Continue from the checkpoint an interrupted run with the same settings left.")
+
+
 def _settings(node, steps, learning_rate, batch_size, seed, grad_accumulation=1, weight_decay=1e-2):
     from ..training import loop
     require(learning_rate > 0, node, "learning_rate", f"{learning_rate} is not > 0", "use e.g. 1e-4")
@@ -102,8 +108,7 @@ class DreamBoothLoRATrain(EditKitNode):
                 io.Int.Input("class_steps", default=30, min=1, max=200,
                              tooltip="Sampling steps of each class image."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches, noise and init."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from the checkpoint an interrupted run with the same settings left."),
+                _resume_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA loaded (as Load LoRA would)."),
@@ -203,8 +208,7 @@ class TextualInversionTrain(EditKitNode):
                                tooltip="AdamW learning rate (paper: 5e-3)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from the checkpoint an interrupted run with the same settings left."),
+                _resume_input(),
             ],
             outputs=[
                 io.String.Output(display_name="embedding", tooltip="What to type in a prompt: embedding:<name>."),
@@ -287,8 +291,7 @@ class CustomDiffusionTrain(EditKitNode):
                              tooltip="How many class images the model generates for the prior (cached)."),
                 io.Int.Input("class_steps", default=30, min=1, max=200, tooltip="Sampling steps of each class image."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
-                io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from the checkpoint an interrupted run with the same settings left."),
+                _resume_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the K/V deltas loaded (as Load LoRA would)."),
