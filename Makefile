@@ -4,6 +4,8 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 export TORCH_THREADS ?= 1
+# Test processes (pytest-xdist): one per core of the project's 2-core machines; TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast bench bench-quality toy-model workflows run clean
 
@@ -14,10 +16,10 @@ demo: setup
 	@$(PY) scripts/demo.py
 
 test: setup
-	@$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	@$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
-	@$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+	@$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	@$(PY) bench/run.py $(BENCH_ARGS)
