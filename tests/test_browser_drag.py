@@ -60,6 +60,11 @@ def test_points_placed_on_the_node_move_the_object(page, comfy_server, object_in
     data = json.load(open(path, encoding="utf-8"))
     drop_file(page, os.path.basename(path), json.dumps(data))
     close_dialogs(page)
+    shipped_points = next(n for n in data["nodes"] if n["type"] == "EditKitDragPoints")["widgets_values"][0]
+    page.keyboard.press(".")
+    page.wait_for_timeout(300)
+    key = page.evaluate(f"(id) => ({DRAG})().drag.editor(id).drawn", node_id(page, "EditKitDragPoints"))
+    assert key.startswith(shipped_points + "|"), key[:200]      # the editor drew the workflow's points on load
     ours = workflow.to_api(data, object_info)
     changes = substitute.plan(ours, substitute.hints(data), "toy", max_steps=TEST_MAX_STEPS)
     page.evaluate(APPLY_PLAN, changes)
