@@ -21,7 +21,7 @@ def drag_input_error(node: str, input_name: str, e: DragError) -> EditKitInputEr
 
 
 class DragPointsNode(EditKitNode):
-    EDITKIT_SHOWS = ("text",)
+    EDITKIT_SHOWS = ("text", "editor")      # "editor": the point editor on the node (web/editkit_drag.js)
 
     @classmethod
     def define_schema(cls):

@@ -3,6 +3,7 @@
 A node's box on the canvas is its body (pos, size) plus the title bar above it (TITLE_H). Nodes that
 show an image after a run (Save/Preview Image, Load Image, EditKit nodes whose class lists "image" in
 EDITKIT_SHOWS) are sized with room for it, nodes that show text ("text") with room for the text box,
+nodes with an editor on the node ("editor") with room for it,
 so the layout stays clean once a run has filled them in. check() is what tests/test_workflows.py and
 the browser test assert: no two node boxes overlap and no node covers a group's title.
 """
@@ -15,6 +16,7 @@ MULTILINE_H = 96        # a multiline text box
 LINKED_MULTILINE_H = 54
 IMAGE_H = 270           # room for an image preview
 TEXT_H = 96             # room for EditKit's read-only text box
+EDITOR_H = 300          # room for an editor drawn on the node (the drag point editor: web/editkit_drag.js)
 GROUP_HEAD = 50         # a group's title band (font 24) and margin, above its first node's title bar
 GROUP_PAD = 15
 COL_GAP, ROW_GAP = 70, 40
@@ -54,6 +56,8 @@ def estimate_size(node: dict, classes: dict) -> list[int]:
         h += IMAGE_H
     if "text" in what:
         h += TEXT_H
+    if "editor" in what:
+        h += EDITOR_H
     title = node.get("title") or ""
     w = max(IMAGE_NODES.get(ntype, WIDTH), 9 * len(title) + 60)
     return [int(w), int(h)]

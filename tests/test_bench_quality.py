@@ -171,4 +171,4 @@ def test_drag_rows_run_on_the_same_machinery():
                                 groups={})
         assert s["rates"]["drag success"]["k"] == k and s["rates"]["drag success"]["n"] == 8
         assert set(s["rates"]) == {"drag success"} | {c.split for c in cases}
-        assert (s["cells"]["centroid error (px)"] == "0.0") == move
+        assert (float(s["cells"]["centroid error (px)"]) < 0.5) == move      # triangles read within 0.3 px

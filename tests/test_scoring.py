@@ -113,12 +113,19 @@ def test_local_edit_keeps_the_other_object():
 
 
 def test_drag_scores():
-    cases = editbench.drag_cases(12)
-    assert cases == editbench.drag_cases(12)
+    cases = editbench.drag_cases(16)
+    assert cases == editbench.drag_cases(16)
+    # eight directions, 45 degrees apart, in turn; a block of two-object scenes, then one of one-object scenes
+    angles = [round(np.degrees(np.arctan2(c.target.objects[c.index].y - c.source.objects[c.index].y,
+                                          c.target.objects[c.index].x - c.source.objects[c.index].x))) % 360 for c in cases]
+    assert angles == [45 * (k % 8) for k in range(16)]
+    assert [len(c.source.objects) for c in cases] == [2] * 8 + [1] * 8
     for c in cases:
         o, t = c.source.objects[c.index], c.target.objects[c.index]
         shift = np.hypot(t.x - o.x, t.y - o.y)
-        assert 12 <= shift <= 32 and not (c.target.masks()[0] & c.target.masks()[1]).any()
+        assert 16 <= shift <= 40
+        if len(c.source.objects) == 2:
+            assert not (c.target.masks()[0] & c.target.masks()[1]).any()
         good = c.score(c.target.render())
         assert good.ok and good.centroid_error < 0.5 and good.preserve_psnr == float("inf")
         still = c.score(c.source.render())
@@ -130,11 +137,12 @@ def test_drag_scores():
         if not (c.target.masks()[c.index] & c.source.masks()[c.index]).any():
             s = c.score(copy.render())
             assert not s.ok and "extra object" in s.why
-        other = c.target.objects[1 - c.index]
-        bumped = c.target.with_object(1 - c.index, y=other.y + (8 if other.y < 64 else -8))
-        assert not c.score(bumped.render()).ok
-        recoloured = c.target.with_object(c.index, color=next(x for x in world.COLOR_NAMES if x not in
-                                                             (t.color, other.color, c.target.background)))
+        if len(c.source.objects) == 2:
+            other = c.target.objects[1 - c.index]
+            bumped = c.target.with_object(1 - c.index, y=other.y + (8 if other.y < 64 else -8))
+            assert not c.score(bumped.render()).ok
+        taken = {t.color, c.target.background} | {p.color for p in c.target.objects}
+        recoloured = c.target.with_object(c.index, color=next(x for x in world.COLOR_NAMES if x not in taken))
         assert not c.score(recoloured.render()).ok
         assert "vanished" in c.score(_erase(c.target, c.index).render()).why
 

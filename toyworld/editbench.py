@@ -174,31 +174,51 @@ class DragCase:
         return scoring.score_drag(edited, self.source, self.target, self.index, tolerance, source_image)
 
 
-def drag_cases(n: int = 48, seed0: int = 60_000, min_shift: int = 12, max_shift: int = 32) -> list[DragCase]:
-    """Fixed drag cases on two-object scenes: one object moved by min_shift..max_shift px (x and/or y),
-    staying in the frame, GAP px clear of the other object's box."""
+DRAG_DIRECTIONS = 8   # compass directions of the drags: right, down-right, down, ... (45 degrees apart)
+
+
+def drag_direction(k: int) -> tuple[float, float]:
+    """The unit vector of direction k (0 = right, then clockwise on screen: y grows downward)."""
+    a = 2 * math.pi * (k % DRAG_DIRECTIONS) / DRAG_DIRECTIONS
+    return math.cos(a), math.sin(a)
+
+
+def drag_cases(n: int = 48, seed0: int = 60_000, min_shift: int = 16, max_shift: int = 40) -> list[DragCase]:
+    """Fixed drag cases: case k moves one object in direction k % 8 (drag_direction: the eight compass
+    directions in turn, so every direction has n/8 cases) by min_shift..max_shift px (diagonals move by
+    the same whole number of pixels in x and y, so they are exactly 45 degrees); blocks of eight alternate
+    two-object scenes (the other object must stay put; the moved one ends GAP px clear of its box) and
+    one-object scenes. The object stays MARGIN px inside the frame. Scenes come from consecutive seeds
+    from seed0; a scene where the drag does not fit is skipped."""
     cases = []
-    k = 0
+    seed = seed0 - 1
     while len(cases) < n:
-        seed = seed0 + k
-        k += 1
-        src = world.sample_scene(seed, n_objects=2, split="train")
+        k = len(cases)
+        ux, uy = drag_direction(k)
+        n_objects = 2 if (k // DRAG_DIRECTIONS) % 2 == 0 else 1
+        seed += 1
+        src = world.sample_scene(seed, n_objects=n_objects, split="train")
         rng = np.random.default_rng([seed, 0xD4A6])
-        i = int(rng.integers(2))
-        o, other = src.objects[i], src.objects[1 - i]
-        for _ in range(50):
-            dx, dy = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
-            if math.hypot(dx, dy) < min_shift or math.hypot(dx, dy) > max_shift:
+        i = int(rng.integers(n_objects))
+        o = src.objects[i]
+        other = src.objects[1 - i] if n_objects == 2 else None
+        for shift in rng.permutation(np.arange(min_shift, max_shift + 1)):
+            diag = ux != 0 and uy != 0 and abs(abs(ux) - abs(uy)) < 1e-9
+            step = int(round(shift / math.sqrt(2))) if diag else int(shift)
+            dx, dy = int(round(ux)) * step if abs(ux) > 1e-9 else 0, int(round(uy)) * step if abs(uy) > 1e-9 else 0
+            if not min_shift <= math.hypot(dx, dy) <= max_shift:
                 continue
             x, y = o.x + dx, o.y + dy
             if not (world.MARGIN <= x <= src.size - world.MARGIN - o.size and world.MARGIN <= y <= src.size - world.MARGIN - o.size):
                 continue
-            g = world.GAP
-            if not (x + o.size + g <= other.x or other.x + other.size + g <= x
-                    or y + o.size + g <= other.y or other.y + other.size + g <= y):
-                continue
+            if other is not None:
+                g = world.GAP
+                if not (x + o.size + g <= other.x or other.x + other.size + g <= x
+                        or y + o.size + g <= other.y or other.y + other.size + g <= y):
+                    continue
             tgt = src.with_object(i, x=x, y=y)
-            cases.append(DragCase(f"#{seed} {o.phrase} by ({dx:+d}, {dy:+d}) beside a {other.phrase} on {src.background}",
+            beside = f" beside a {other.phrase}" if other is not None else ""
+            cases.append(DragCase(f"#{seed} {o.phrase} by ({dx:+d}, {dy:+d}){beside} on {src.background}",
                                   src, tgt, seed, i))
             break
     return cases
