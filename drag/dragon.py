@@ -157,6 +157,24 @@ def ddim_eta_step(ms, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, s: f
     return denoiser.add_noise(ms, x0, direction * eps + frac * noise, s_next)
 
 
+def feature_points(model, levels=FEATURE_LEVELS) -> list:
+    """The decoder blocks whose features the energy reads: `levels` that exist in the model's layout (a UNet
+    with fewer decoder levels than SD1.x keeps the ones it has). ValueError when none exists."""
+    from ..core.features import decoder_point
+    out, err = [], None
+    for k in dict.fromkeys(levels):
+        try:
+            p = decoder_point(model, k)
+        except ValueError as e:
+            err = e
+            continue
+        if p.key not in [q.key for q in out]:
+            out.append(p)
+    if not out:
+        raise err or ValueError("EditKit: no decoder features")
+    return out
+
+
 def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoints, steps: int = 50,
                 inversion_steps: int | None = None, cfg: float = 4.0,
                 energy_scale: float = 2.0, w_edit: float = 4.0, w_content: float = 6.0, w_inpaint: float = 0.2,
@@ -167,7 +185,7 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
     from ..attention.controller import default_start_layer, install, layers_of
     from ..attention.reference import ReferenceAttention
     from ..core.branches import chunks_of
-    from ..core.features import FeatureCapture, decoder_point
+    from ..core.features import FeatureCapture
     from ..core.gradients import autograd, leaf, run_with_gradients
     from ..samplers.branch_guider import BranchSpec
     from ..samplers.inversion import invert
@@ -180,7 +198,7 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
     inv = invert(model, samples, positive, None, 1.0, sigmas, "ddim")
     bank = [t.float() for t in inv.latents]                  # bank[i]: the source at sigmas[i]
     b, c, h, w = bank[0].shape
-    points = [decoder_point(model, k) for k in dict.fromkeys(feature_levels)]
+    points = feature_points(model, feature_levels)
     fh, fw = 2 * h, 2 * w            # the authors' up_scale 2: a quarter of the image size (4 image px per feature px)
     info = DragonInfo("DiffEditor" if diffeditor else "DragonDiffusion", n_run,
                       points=", ".join(f"{p.block} {p.index}" for p in points))
@@ -260,7 +278,8 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
         for i in range(n_run):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             gi = i + skip                                     # index in the full schedule (the paper's windows)
-            for r in range(rollbacks_at(gi) + 1):
+            back = rollbacks_at(gi) if s_next > 0 else 0
+            for r in range(back + 1):
                 den, ref = model_eps(x, i)
                 eps = denoiser.to_eps(ms, x, den, s)
                 x0 = den
@@ -277,7 +296,7 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
                     info.sde_steps += r == 0
                 else:
                     x_next = ddim_eta_step(ms, x, x0, eps, s, s_next, 0.0, torch.zeros_like(x))
-                if r < rollbacks_at(gi) and s_next > 0:     # time travel: back up one step (DDIM inversion), guide again
+                if r < back:     # time travel: back up one step (DDIM inversion), guide again
                     with torch.no_grad():
                         den_n = env.denoise(x_next, sigmas[i + 1], "positive").x0
                     cap.clear()

@@ -243,8 +243,7 @@ def _dragon_inputs(extra: list) -> list:
 
 def _dragon_execute(cls, node: str, model, positive, latent, drag, steps, inversion_steps, cfg, energy_scale, w_edit,
                     w_content, w_inpaint, guide_until, visual_cross_attention, seed, negative=None, **extra):
-    from ..core.features import decoder_point
-    from ..drag.dragon import FEATURE_LEVELS, dragon_drag
+    from ..drag.dragon import dragon_drag, feature_points
     require(steps >= 2, node, "steps", f"{steps} steps cannot edit", "use 50 (the paper's)")
     require(1 <= inversion_steps <= steps, node, "inversion_steps", f"{inversion_steps} is not within 1..steps ({steps})",
             "use steps (the paper) or a little fewer")
@@ -253,8 +252,7 @@ def _dragon_execute(cls, node: str, model, positive, latent, drag, steps, invers
     if negative is None and cfg != 1.0:
         raise EditKitInputError(node, "negative", f"cfg {cfg:g} needs a negative prompt", "connect an (empty) negative prompt, or set cfg 1")
     try:
-        for k in FEATURE_LEVELS:
-            decoder_point(model, k)
+        feature_points(model)
     except ValueError as e:
         raise EditKitInputError(node, "model", f"this model has no decoder features to read ({e})",
                                 "use a UNet (SD1.x, SD2.x, SDXL) or a DiT") from None
