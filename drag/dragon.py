@@ -311,4 +311,6 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
 
     out = run_with_gradients(clone, {"positive": positive, "negative": negative if use_neg else None}, program,
                              sigmas, bank[0].shape, seed=seed)
-    return model.model.process_latent_out(out.detach().float().cpu()).to(samples.dtype), info
+    import comfy.model_management
+    out = out.detach().float().to(comfy.model_management.intermediate_device())
+    return model.model.process_latent_out(out).to(samples.dtype), info

@@ -207,3 +207,11 @@ def test_object_follows_the_drag_on_the_toy_model(toy_triple, node_id):
     assert not plain.ok
     assert guided.ok, guided.why
     assert guided.centroid_error < plain.centroid_error and guided.preserve_psnr > 20
+
+
+@pytest.mark.slow
+def test_sd15_full_reads_decoder_levels_2_and_3(sd15_full):
+    """On the SD1.5 layout the energy reads decoder levels 2 and 3 (the outputs of output blocks 5 and 8, 1280
+    and 640 channels); a gradient run at full size is left to the toy model (minutes on CPU)."""
+    pts = D.feature_points(sd15_full)
+    assert [(p.key, p.channels) for p in pts] == [(("output", 5), 1280), (("output", 8), 640)]
