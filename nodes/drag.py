@@ -1,4 +1,5 @@
-"""Drag editing nodes: the point editor's value (EditKit Drag Points) and SDE-Drag."""
+"""Drag editing nodes: the point editor's value (EditKit Drag Points), SDE-Drag, DragDiffusion, DragonDiffusion and
+DiffEditor."""
 from __future__ import annotations
 
 import comfy.samplers
@@ -206,4 +207,125 @@ class DragDiffusion(EditKitNode):
         return io.NodeOutput(res, ui=feedback.show(cls, text=d.describe() + "\n" + info.describe()))
 
 
-NODES = [DragPointsNode, SDEDrag, DragDiffusion]
+def _dragon_inputs(extra: list) -> list:
+    """Inputs of the energy-guided drag nodes (DragonDiffusion, DiffEditor): the authors' drag defaults."""
+    return [
+        io.Model.Input("model", tooltip="UNet models (SD1.x, SD2.x, SDXL; features of decoder levels 2 and 3); DiTs read the "
+                                        "blocks at the same relative depth (untested). An IP-Adapter applied to the model works."),
+        io.Conditioning.Input("positive", tooltip="A prompt describing the photo."),
+        io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt (needed when cfg != 1; an empty prompt is usual)."),
+        io.Latent.Input("latent", tooltip="The photo as a latent (VAE Encode); the first row is dragged."),
+        Drag.Input("drag", tooltip="Handle/target points and editable region from EditKit Drag Points (without a region, a "
+                                   "small area around the points may change)."),
+        io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM schedule length (paper 50)."),
+        io.Int.Input("inversion_steps", default=50, min=1, max=1000,
+                     tooltip="Invert this many steps of the schedule and sample back from there (paper: all of them; fewer "
+                             "keeps more of the photo on weak models)."),
+        io.Float.Input("cfg", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance of the edit (paper 4)."),
+        io.Float.Input("energy_scale", default=2.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="Strength of the energy guidance, in the authors' units (x 1e3; paper 2 for drags). 0 = plain "
+                               "reconstruction."),
+        io.Float.Input("w_edit", default=4.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="Weight of the editing energy: features at the target should match the source's at the handle (4)."),
+        io.Float.Input("w_content", default=6.0, min=0.0, max=100.0, step=0.1,
+                       tooltip="Weight of the consistency energy outside the editable region (6)."),
+        io.Float.Input("w_inpaint", default=0.2, min=0.0, max=100.0, step=0.1,
+                       tooltip="Weight pushing the handle's old place away from its old content (0.2)."),
+        io.Float.Input("guide_until", default=0.6, min=0.0, max=1.0, step=0.01,
+                       tooltip="Guide the first part of the schedule (paper 30 of 50 steps = 0.6)."),
+        io.Boolean.Input("visual_cross_attention", default=True,
+                         tooltip="Decoder self-attention of the edit also attends to the source's keys/values at the same "
+                                 "step (the memory bank)."),
+    ] + extra + [
+        io.Int.Input("seed", default=42, min=0, max=0xffffffffffffffff, tooltip="Seed of the regional SDE noise (42)."),
+    ]
+
+
+def _dragon_execute(cls, node: str, model, positive, latent, drag, steps, inversion_steps, cfg, energy_scale, w_edit,
+                    w_content, w_inpaint, guide_until, visual_cross_attention, seed, negative=None, **extra):
+    from ..drag.dragon import dragon_drag, feature_points
+    require(steps >= 2, node, "steps", f"{steps} steps cannot edit", "use 50 (the paper's)")
+    require(1 <= inversion_steps <= steps, node, "inversion_steps", f"{inversion_steps} is not within 1..steps ({steps})",
+            "use steps (the paper) or a little fewer")
+    require(energy_scale >= 0, node, "energy_scale", f"{energy_scale} is negative", "use 0-10 (2 is the paper's)")
+    require(0.0 <= guide_until <= 1.0, node, "guide_until", f"{guide_until} is outside [0, 1]", "use 0.6")
+    if negative is None and cfg != 1.0:
+        raise EditKitInputError(node, "negative", f"cfg {cfg:g} needs a negative prompt", "connect an (empty) negative prompt, or set cfg 1")
+    try:
+        feature_points(model)
+    except ValueError as e:
+        raise EditKitInputError(node, "model", f"this model has no decoder features to read ({e})",
+                                "use a UNet (SD1.x, SD2.x, SDXL) or a DiT") from None
+    samples = latent["samples"][:1]
+    expected = model.model.latent_format.latent_channels
+    if samples.ndim != 4 or samples.shape[1] != expected:
+        raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
+                                f"({expected} latent channels)", "encode the image with this model's VAE")
+    d = fit_drag(node, drag, samples)
+    bar = StepProgress(model, inversion_steps)
+    out, info = dragon_drag(model, positive, negative, samples, d, steps, inversion_steps, cfg, energy_scale, w_edit, w_content,
+                            w_inpaint, guide_until, visual_cross_attention, seed=seed, progress=bar.update, **extra)
+    res = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask", "batch_index")}
+    res["samples"] = out
+    return io.NodeOutput(res, ui=feedback.show(cls, text=d.describe() + "\n" + info.describe()))
+
+
+class DragonDiffusion(EditKitNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitDragonDiffusion",
+            display_name="DragonDiffusion (energy-guided drag editing)",
+            category="EditKit/drag",
+            description="DragonDiffusion (Mou et al., ICLR 2024): DDIM-invert the photo (the memory bank), then sample with "
+                        "energy guidance: the gradient of a feature-correspondence energy (decoder features at the target vs "
+                        "the source's at the handle, local + global, plus consistency outside the editable region) is added "
+                        "to the predicted noise; the edit's decoder self-attention also attends to the source's keys/values. "
+                        "No weights or latents are optimised.",
+            inputs=_dragon_inputs([]),
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The dragged latent; decode it with the VAE.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, drag, steps, inversion_steps, cfg, energy_scale, w_edit, w_content, w_inpaint,
+                guide_until, visual_cross_attention, seed, negative=None) -> io.NodeOutput:
+        return _dragon_execute(cls, "EditKitDragonDiffusion", model, positive, latent, drag, steps, inversion_steps, cfg,
+                               energy_scale, w_edit, w_content, w_inpaint, guide_until, visual_cross_attention, seed, negative)
+
+
+class DiffEditor(EditKitNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitDiffEditor",
+            display_name="DiffEditor (drag editing with regional SDE)",
+            category="EditKit/drag",
+            description="DiffEditor (Mou et al., CVPR 2024): DragonDiffusion's energy guidance, applied regionally (the "
+                        "editing energy's gradient inside the editable region, the consistency energy's outside), a regional "
+                        "SDE (fresh noise inside the region in the middle steps) and time travel (roll a guided step back and "
+                        "guide it again). The paper's trained image-prompt encoder is not available: apply EditKit's "
+                        "IP-Adapter to the model (with your IP-Adapter files) to add an image prompt.",
+            inputs=_dragon_inputs([
+                io.Float.Input("sde_strength", default=0.4, min=0.0, max=1.0, step=0.05,
+                               tooltip="eta of the regional SDE inside the editable region (paper 0.4; 0 = deterministic)."),
+                io.Int.Input("time_travel", default=2, min=0, max=10,
+                             tooltip="Extra guided passes after rolling a step back, in the last third of the guided steps "
+                                     "(paper: 3 passes = 2 extra)."),
+            ]),
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The dragged latent; decode it with the VAE.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, drag, steps, inversion_steps, cfg, energy_scale, w_edit, w_content, w_inpaint,
+                guide_until, visual_cross_attention, sde_strength, time_travel, seed, negative=None) -> io.NodeOutput:
+        require(time_travel >= 0, "EditKitDiffEditor", "time_travel", f"{time_travel} is negative", "use 0-3 (2 is the paper's)")
+        return _dragon_execute(cls, "EditKitDiffEditor", model, positive, latent, drag, steps, inversion_steps, cfg,
+                               energy_scale, w_edit, w_content, w_inpaint, guide_until, visual_cross_attention, seed, negative,
+                               diffeditor=True, sde_strength=sde_strength, time_travel=time_travel)
+
+
+NODES = [DragPointsNode, SDEDrag, DragDiffusion, DragonDiffusion, DiffEditor]

@@ -1,4 +1,4 @@
-"""Workflows of the drag-editing nodes: SDE-Drag on your photo."""
+"""Workflows of the drag-editing nodes on your photo: SDE-Drag, DragDiffusion, DragonDiffusion, DiffEditor."""
 import json
 
 from .common import SOURCE_PROMPT, builder, checkpoint, decode_and_save, native, note, photo, photo_step, text
@@ -61,7 +61,51 @@ def drag_diffusion(family="sd15"):
     return b.build()
 
 
+def _energy_drag(family, node_type, title, headline, extra_steps, paper, extra_inputs):
+    b = builder()
+    res = native(family)
+    note(b, family, headline,
+         [photo_step(family),
+          "**EditKit Drag Points**: click a handle on the object, then its target; paint the region that may change.",
+          "**Photo prompt**: describe the photo. **energy_scale** sets how hard the object is pulled; raise "
+          "**w_content** if the rest of the photo changes."] + extra_steps, paper)
+    ld = checkpoint(b, family)
+    src = photo(b, ld.out("vae"), family)
+    pts = b.add("EditKitDragPoints", title="Drag points", points=example_points(res))
+    b.connect(src["image"].out(0), pts, "image")
+    pos = text(b, ld.out("clip"), SOURCE_PROMPT, "Photo prompt")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    dn = b.add(node_type, title=title, toy={"inputs": {"steps": 12, "inversion_steps": 8, "cfg": 1.0, "energy_scale": 1.0}},
+               steps=50, inversion_steps=50, cfg=4.0, energy_scale=2.0, w_edit=4.0, w_content=6.0, w_inpaint=0.2,
+               guide_until=0.6, visual_cross_attention=True, seed=42, **extra_inputs)
+    b.connect(ld.out("model"), dn, "model")
+    b.connect(pos.out(0), dn, "positive")
+    b.connect(neg.out(0), dn, "negative")
+    b.connect(src["latent"].out(0), dn, "latent")
+    b.connect(pts.out(0), dn, "drag")
+    decode_and_save(b, dn.out(0), ld.out("vae"), "editkit_" + title.lower(), title="Decode the drag")
+    return b.build()
+
+
+def dragon_diffusion(family="sd15"):
+    return _energy_drag(family, "EditKitDragonDiffusion", "DragonDiffusion",
+                        "DragonDiffusion: drag a point of your photo (energy guidance, no optimisation)", [],
+                        "50 DDIM steps from the full inversion, CFG 4, energy scale 2 (x1e3), w_edit 4, w_content 6, "
+                        "w_inpaint 0.2, guidance in the first 30 steps (Mou et al. 2024, the authors' drag defaults).", {})
+
+
+def diffeditor(family="sd15"):
+    return _energy_drag(family, "EditKitDiffEditor", "DiffEditor",
+                        "DiffEditor: drag a point of your photo (regional guidance, regional SDE, time travel)",
+                        ["For the paper's image prompt, put EditKit's IP-Adapter (with your IP-Adapter files) on the model "
+                         "before this node."],
+                        "As DragonDiffusion, plus regional SDE strength 0.4 (steps 10-20) and time travel (3 passes on every "
+                        "other step of 20-30) (Mou et al., CVPR 2024).", {"sde_strength": 0.4, "time_travel": 2})
+
+
 WORKFLOWS = {
     "sde_drag": ("Editing - SDE-Drag", sde_drag),
     "drag_diffusion": ("Editing - DragDiffusion", drag_diffusion),
+    "dragon_diffusion": ("Editing - DragonDiffusion", dragon_diffusion),
+    "diffeditor": ("Editing - DiffEditor", diffeditor),
 }
