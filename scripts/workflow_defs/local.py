@@ -1,4 +1,5 @@
-"""Workflows of local editing: DiffEdit (automatic mask + inversion to the encode ratio + masked decoding), SEGA."""
+"""Workflows of local editing: DiffEdit (automatic mask + inversion to the encode ratio + masked decoding), SEGA,
+LEDITS++."""
 from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, checkpoint, decode_and_save, note, photo, photo_step, text
 
 
@@ -67,5 +68,40 @@ def sega():
                     "beta 0.6 (Brack et al. 2023).")
 
 
+LEDITS_EDITS = "- a red circle [circle]\n+ a blue circle [circle]"
+
+
+def ledits(family="sd15"):
+    b = builder()
+    note(b, family, "LEDITS++: several edits in one pass, each inside its implicit mask",
+         [photo_step(family),
+          "**Source prompt**: describe your photo (the DDPM inversion's guidance; an empty prompt works too).",
+          "**LEDITS++ edits**: one edit per line, '+ concept' adds and '- concept' removes; '[word]' picks the "
+          "words whose attention map makes the mask, ': 7' sets that edit's scale. Here the red circle is "
+          "removed and a blue one added in the same pass.",
+          "The node's preview shows each edit's implicit mask (cross-attention map AND noise difference); "
+          "lower **threshold** for larger masks, raise **scale** for stronger edits, raise the inversion's "
+          "**skip** to keep more of the layout."],
+         "edit-friendly DDPM inversion 50 steps, skip 8, CFG 3.5; edit scale 5, threshold 0.9, no warm-up "
+         "(Brack et al. 2024; diffusers' LEditsPP defaults).")
+    ld = checkpoint(b, family)
+    img = photo(b, ld.out("vae"), family)
+    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    inv = b.add("EditKitDDPMInversion", cfg=3.5, steps=50, scheduler="normal", skip=8, seed=0)
+    b.connect(ld.out("model"), inv, "model")
+    b.connect(img["latent"].out(0), inv, "latent")
+    b.connect(src.out(0), inv, "positive")
+    b.connect(neg.out(0), inv, "negative")
+    led = b.add("EditKitLEDITS", edits=LEDITS_EDITS, scale=5.0, threshold=0.9, warmup=0, masks="intersect",
+                output="target")
+    b.connect(ld.out("model"), led, "model")
+    b.connect(ld.out("clip"), led, "clip")
+    b.connect(inv.out(1), led, "inversion")
+    decode_and_save(b, led.out(0), ld.out("vae"), "editkit_ledits", title="Decode the edit")
+    return b.build()
+
+
 WORKFLOWS = {"diffedit": ("Editing - DiffEdit", diffedit),
+             "ledits": ("Editing - LEDITS++", ledits),
              "guidance_sega": ("Guidance - SEGA", sega)}
