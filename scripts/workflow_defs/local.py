@@ -102,6 +102,41 @@ def ledits(family="sd15"):
     return b.build()
 
 
+def blended_latent(family="sd15"):
+    b = builder()
+    note(b, family, "Blended latents: a masked img2img edit with a plain KSampler",
+         [photo_step(family),
+          "**Source prompt** / **Edit prompt**: DiffEdit Mask finds where they disagree (or connect your own MASK).",
+          "**Blended Latent** patches the model: outside the mask it keeps your photo (the latent follows the photo "
+          "noised to each step's level), inside it the KSampler edits with the edit prompt.",
+          "**KSampler** denoise sets how far the edit may go (img2img from the photo's latent)."],
+         "mask: DiffEdit n 10, ratio 0.5, threshold 0.5; KSampler Euler 30 steps, CFG 7.5, denoise 0.7 "
+         "(Blended Latent Diffusion, Avrahami et al. 2023).")
+    ld = checkpoint(b, family)
+    img = photo(b, ld.out("vae"), family)
+    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
+    tgt = text(b, ld.out("clip"), EDIT_PROMPT, "Edit prompt")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    mask = b.add("EditKitDiffEditMask", n=10, encode_ratio=0.5, threshold=0.5, dilate=0, blur=0.0, seed=0)
+    b.connect(ld.out("model"), mask, "model")
+    b.connect(img["latent"].out(0), mask, "latent")
+    b.connect(src.out(0), mask, "reference")
+    b.connect(tgt.out(0), mask, "query")
+    b.connect(img["image"].out(0), mask, "image")
+    blend = b.add("EditKitBlendedLatent")
+    b.connect(ld.out("model"), blend, "model")
+    b.connect(img["latent"].out(0), blend, "source")
+    b.connect(mask.out(0), blend, "mask")
+    ks = b.add("KSampler", seed=0, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=0.7)
+    b.connect(blend.out(0), ks, "model")
+    b.connect(tgt.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
+    b.connect(img["latent"].out(0), ks, "latent_image")
+    decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_blended_latent", title="Decode the edit")
+    return b.build()
+
+
 WORKFLOWS = {"diffedit": ("Editing - DiffEdit", diffedit),
+             "blended_latent": ("Editing - Blended Latent (KSampler)", blended_latent),
              "ledits": ("Editing - LEDITS++", ledits),
              "guidance_sega": ("Guidance - SEGA", sega)}
