@@ -35,7 +35,8 @@ def _ledits(model, clip, inv, edits, scale=5.0, threshold=0.9, warmup=0, masks="
     return lat["samples"], mask, out
 
 
-def test_zero_scale_reconstructs_exactly(tiny_eps, tiny_clip, encode):
+def test_zero_scale_reconstructs_exactly(tiny_any, tiny_clip, encode):
+    tiny_eps = tiny_any                                  # EPS, v-prediction and flow
     inv = _invert(tiny_eps, encode, steps=5, skip=1, cfg=3.5)
     both, mask, _ = _ledits(tiny_eps, tiny_clip, inv, "+ a blue square\n- a red circle", scale=0.0)
     clean = tiny_eps.model.process_latent_out(inv.latents[-1].float())
