@@ -94,3 +94,35 @@ class BlendedLatent(SharedPatch):
             src = self.rows(self._source, x.shape[0], out)
             return free * out + (1 - free) * src
         return wrapper
+
+
+class RePaint(ReplayHook):
+    """RePaint resampling (Lugmayr et al. 2022) for masked decoding: the replay runs its steps in blocks of `jump`;
+    each block is run `resamples` times, and before every rerun the target is re-noised from the level the block
+    reached back to the level it started at (fresh noise, core.denoiser.renoise) and the source is put back on
+    its stored latent of that level, so the edit inside the mask is harmonised with the kept source outside.
+    Use it after MaskedDecoding (which keeps the source outside the mask at every step)."""
+
+    def __init__(self, jump: int, resamples: int, seed: int = 0):
+        self.jump, self.resamples, self.seed = max(int(jump), 1), max(int(resamples), 1), int(seed)
+
+    def plan(self, ctx, steps):
+        out = []
+        for b0 in range(0, len(steps), self.jump):
+            out += list(steps[b0:b0 + self.jump]) * self.resamples
+        return out
+
+    def on_jump(self, ctx, state, level, to_level):
+        if to_level >= level or state.target is None:
+            return state
+        gen = ctx.scratch.setdefault(self, torch.Generator().manual_seed(self.seed))
+        eps = torch.randn(state.target.shape, generator=gen, dtype=torch.float32).to(state.target)
+        from ..core.denoiser import renoise
+        target = renoise(ctx.model_sampling, state.target, ctx.sigmas[level], ctx.sigmas[to_level], eps)
+        ctx.stats["repaint_jumps"] = ctx.stats.get("repaint_jumps", 0) + 1
+        changes = {"source": ctx.latent(to_level), "target": target}
+        if state.target_pair is not None and ctx.inv.pair is not None:      # EDICT's coupled sequence
+            changes["source_pair"] = ctx.load(ctx.inv.pair[to_level])
+            changes["target_pair"] = renoise(ctx.model_sampling, state.target_pair, ctx.sigmas[level],
+                                             ctx.sigmas[to_level], eps)
+        return state.replace(**changes)
