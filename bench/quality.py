@@ -401,11 +401,17 @@ def main(argv=None):
     p.add_argument("--images", help="also save every scored result as a PNG under this folder (not committed)")
     p.add_argument("--rescore", metavar="IMAGES", help="score the images a run saved with --images again, no sampling")
     a = p.parse_args(argv)
+    global RESULTS
     if a.only and [o.lower() for o in a.only] == ["drag"]:   # the drag table (bench/quality_drag.py)
         import quality_drag
         return quality_drag.main((["--results", a.results] if a.results else []) + (["--no-save"] if a.no_save else [])
                                  + (["--write-readme"] if a.write_readme else []) + (["--readme"] if a.readme else []))
-    global RESULTS
+    if a.only and [o.lower() for o in a.only] == ["local"]:  # the local-editing table (bench/quality_local.py)
+        import quality_local
+        out = os.path.join(os.path.abspath(a.results) if a.results else RESULTS, "local.json")
+        per_split = a.per_split if a.per_split != 48 else 4     # 20 cases by default: the table takes minutes, not hours
+        return quality_local.main(["--per-split", str(per_split)]
+                                  + ([] if a.no_save else ["--json", out]))
     RESULTS = os.path.abspath(a.results) if a.results else RESULTS
     import comfy.utils
     comfy.utils.set_progress_bar_enabled(False)    # this script prints tables, not per-sample bars

@@ -38,6 +38,17 @@ def add_noise(ms, x0: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:
     return x0 + s * eps
 
 
+def renoise(ms, x: torch.Tensor, sigma, sigma_to, eps: torch.Tensor) -> torch.Tensor:
+    """A latent at level sigma re-noised forward to the higher level sigma_to with fresh unit noise eps, so that
+    add_noise(x0, e, sigma) becomes add_noise(x0, e', sigma_to) in distribution (RePaint's jump back): EPS / v
+    x + sqrt(st^2 - s^2) eps; flow a x + sqrt(st^2 - a^2 s^2) eps with a = (1 - st) / (1 - s)."""
+    s, st = float(sigma), float(sigma_to)
+    if space(ms) == "flow":
+        a = (1.0 - st) / max(1.0 - s, 1e-12)
+        return a * x + max(st * st - a * a * s * s, 0.0) ** 0.5 * eps
+    return x + max(st * st - s * s, 0.0) ** 0.5 * eps
+
+
 def to_eps(ms, x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
     s = _s(sigma, x)
     if space(ms) == "flow":

@@ -1,4 +1,4 @@
-"""Editing nodes: SDEdit, DiffEdit's automatic mask."""
+"""Editing nodes: SDEdit, DiffEdit's automatic mask, blended latents for any sampler, LEDITS++."""
 from __future__ import annotations
 
 import comfy.sample
@@ -8,12 +8,13 @@ import torch
 from . import feedback
 from .api import io
 from .base import EditKitNode
+from .inversion import Inversion
 
 from ..core import denoiser
 from ..core.errors import EditKitInputError, require
 from ..core import imaging
 from ..core.introspect import model_sampling
-from ..local import diffedit
+from ..local import diffedit, ledits
 from ..local.masks import DOWNSCALE
 from ..samplers.sdedit import PreparedNoise, sdedit_sigmas, sdedit_start
 
@@ -170,4 +171,162 @@ class DiffEditMask(EditKitNode):
         return io.NodeOutput(mask, ui=feedback.show(cls, text=text, images=_mask_overlay(image, mask)))
 
 
-NODES = [SDEdit, DiffEditMask]
+def _concept_positions(clip, edit, family, node, line):
+    """Token positions of an edit's mask words in its own concept prompt (all its content tokens by default)."""
+    from ..attention import alignment
+    if edit.words:
+        pos = alignment.positions(clip, edit.concept, list(edit.words), family, node, "edits", f"concept of edit {line}")
+        return sorted({p for ps in pos.values() for p in ps})
+    tk = alignment.Tokens(clip, edit.concept, family)
+    pos = [i for i, t in enumerate(tk.ids) if t not in tk.specials and t != -1]
+    if not pos:
+        raise EditKitInputError(node, "edits", f"edit {line} ('{edit.concept}') has no tokens in this CLIP's tokenizer",
+                                "write the concept in words")
+    return pos
+
+
+class LEDITS(EditKitNode):
+    EDITKIT_SHOWS = ("image", "text")
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitLEDITS",
+            display_name="LEDITS++ (several edits, implicit masks)",
+            category="EditKit/editing",
+            description="LEDITS++ (Brack et al. 2024): edit an image inverted with EditKit DDPM Inversion by several "
+                        "concepts at once (add or remove, each with its scale), each guided SEGA-style only inside "
+                        "its implicit mask: the concept's cross-attention map intersected with its noise-difference "
+                        "mask (top 1 - threshold of each). The inversion's own guidance is the base, so scale 0 "
+                        "reconstructs the image exactly. All concepts run in one batched model call per step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the DDPM inversion was made with."),
+                io.Clip.Input("clip", tooltip="The CLIP of that model: encodes each edit concept and finds its tokens."),
+                Inversion.Input("inversion", tooltip="From EditKit Edit-friendly DDPM Inversion (its skip sets where "
+                                                     "the edit starts)."),
+                io.String.Input("edits", multiline=True, default="+ a blue square",
+                                tooltip="One edit per line: '+ concept' adds, '- concept' removes; optional "
+                                        "'[word, word]' = the words whose attention map makes the mask (default: the "
+                                        "whole concept) and ': scale' (default: the scale input). E.g. "
+                                        "'+ a blue square [square] : 7' and '- a red circle'."),
+                io.Float.Input("scale", default=ledits.PAPER_SCALE, min=0.0, max=ledits.MAX_SCALE, step=0.1,
+                               tooltip="Edit guidance scale of edits without their own ': scale' (diffusers' default 5). "
+                                       "0 = the exact reconstruction."),
+                io.Float.Input("threshold", default=ledits.PAPER_THRESHOLD, min=0.0, max=0.999, step=0.01,
+                               tooltip="lambda: each implicit mask keeps the top (1 - threshold) of the attention map "
+                                       "and of the noise difference (paper: 0.9). Lower = larger masks."),
+                io.Int.Input("warmup", default=0, min=0, max=1000,
+                             tooltip="Steps of the replay before the edits start (diffusers' default 0)."),
+                io.Combo.Input("masks", options=list(ledits.MODES), default="intersect",
+                               tooltip="intersect: attention map AND noise difference (LEDITS++); attention or noise: "
+                                       "one of the two masks alone."),
+                io.Combo.Input("output", options=["target", "source + target"], default="target",
+                               tooltip="The edit, or the reconstruction and the edit as a batch (source first)."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The edited latent (VAE Decode it)."),
+                     io.Mask.Output("implicit_masks", display_name="implicit masks",
+                                    tooltip="Each edit's implicit mask averaged over the edited steps (one mask per "
+                                            "edit and image, edit-major), at the image's size.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, inversion, edits, scale, threshold, warmup, masks, output) -> io.NodeOutput:
+        from ..attention.maps import CrossAttentionMapStore, blend_level, install_capture
+        from ..core.introspect import attention_layout, model_family
+        from ..core.progress import StepProgress
+        from ..samplers.replay import make_edit_guider, replay
+        from ..samplers.trajectory import EditKitInversion
+        node = "EditKitLEDITS"
+        if not isinstance(inversion, EditKitInversion):
+            raise EditKitInputError(node, "inversion", "not an EditKit inversion", "connect EditKit DDPM Inversion")
+        if inversion.method != "ddpm":
+            raise EditKitInputError(node, "inversion", f"LEDITS++ edits an edit-friendly DDPM inversion, not {inversion.label()}",
+                                    "invert the image with 'Edit-friendly DDPM Inversion'")
+        inversion.check_model(model, node)
+        require(clip is not None, node, "clip", "not connected", "connect the checkpoint's CLIP")
+        require(masks in ledits.MODES, node, "masks", f"unknown mask mode {masks!r}", "use " + ", ".join(ledits.MODES))
+        require(0.0 <= float(threshold) < 1.0, node, "threshold", f"{threshold} is outside [0, 1)", "use 0.9 (the paper)")
+        items = ledits.parse_edits(edits, scale, node)
+        family = model_family(model)
+        layout = attention_layout(model)
+        store, level = None, None
+        m = model.clone()
+        if masks != "noise":
+            if not any(s.cross for s in layout.sites) and not layout.dit_blocks:
+                raise EditKitInputError(node, "masks", "this model has no cross-attention layers to read maps from",
+                                        "use masks 'noise'")
+            words = {f"edit{i}": _concept_positions(clip, e, family, node, i + 1) for i, e in enumerate(items)}
+            level = blend_level(layout)
+            store = CrossAttentionMapStore(words, frozenset({level}), per_step=True)
+            install_capture(m, store)
+        encode = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))
+        conds = {ledits.edit_cond_name(i): encode(e.concept) for i, e in enumerate(items)}
+        has_uncond = inversion.negative is not None and abs(inversion.cfg - 1.0) > 1e-9
+        if not has_uncond:
+            conds[ledits.UNCOND] = inversion.negative if inversion.negative is not None else encode("")
+        hook = ledits.LEditsGuidance(items, threshold, warmup, masks, store, level, None if has_uncond else ledits.UNCOND)
+        guider = make_edit_guider(m, inversion, inversion.positive, inversion.negative, inversion.cfg, extra_conds=conds)
+        k0 = inversion.start_index
+        bar = StepProgress(model, inversion.steps - k0)
+
+        def program(g, sigmas, extra_args, callback, noise, latent, disable_pbar):
+            return replay(g, inversion, k0, extra_args["model_options"], lambda pos, x0, x, total: bar.update(1, x0),
+                          output, hooks=(hook,))
+        out = guider.run(program, inversion.sigmas[k0:], inversion.batch_shape)
+        b, _, h, w = inversion.batch_shape
+        recorded = guider.replay_stats.get("ledits_masks", [])
+        avg = (torch.stack([r[1] for r in recorded]).mean(0) if recorded
+               else torch.zeros(len(items), b, h, w))
+        mask = torch.nn.functional.interpolate(avg.reshape(-1, 1, h, w), scale_factor=DOWNSCALE, mode="nearest")[:, 0]
+        rows = 2 + len(items) + (0 if has_uncond else 1)
+        text = (f"{len(items)} edit(s): " + "; ".join(f"{e.label} (scale {e.scale:g}): mask {float(avg[i].mean()) * 100:.0f} %"
+                                                    for i, e in enumerate(items))
+                + f"\n{len(recorded)} edited steps of {inversion.steps - k0}; {guider.evaluations} batched calls of "
+                  f"{rows} branches ({'x2 with the unconditional rows' if has_uncond else 'no unconditional rows'})")
+        return io.NodeOutput({"samples": out}, mask, ui=feedback.show(cls, text=text, images=_mask_overlay(None, mask)))
+
+
+class BlendedLatent(EditKitNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitBlendedLatent",
+            display_name="Blended Latent (masked img2img, any sampler)",
+            category="EditKit/editing",
+            description="Blended Latent Diffusion (Avrahami et al. 2023) as a model patch for KSampler / "
+                        "SamplerCustomAdvanced img2img: outside the mask the model predicts the source latent, so "
+                        "the sampler keeps the latent there on the source noised to the current sigma and the "
+                        "result there IS the source; inside the mask the prompt edits. Soft masks are a per-pixel "
+                        "strength (a pixel of strength s is edited during the last s of the steps, "
+                        "Differential-Diffusion style). Sample from the same source latent (KSampler denoise < 1).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (any family: EPS, v-prediction, flow)."),
+                io.Latent.Input("source", tooltip="The image as a latent (VAE Encode): what stays outside the mask. "
+                                                  "Also connect it as the sampler's latent_image."),
+                io.Mask.Input("mask", tooltip="Where to edit (1) and where to keep the source (0); soft values = "
+                                              "per-pixel strength. Image or latent size; e.g. EditKit DiffEdit Mask."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched model: connect it to KSampler / "
+                                                                    "BasicGuider / CFGGuider.")],
+        )
+
+    @classmethod
+    def execute(cls, model, source, mask) -> io.NodeOutput:
+        from ..core.patches import chain_unet_wrapper
+        from ..local import masks as local_masks
+        from ..local.blend import BlendedLatent as Patch
+        node = "EditKitBlendedLatent"
+        if not isinstance(source, dict) or "samples" not in source:
+            raise EditKitInputError(node, "source", "not a LATENT", "connect a VAE Encode output")
+        samples = comfy.sample.fix_empty_latent_channels(model, source["samples"])
+        expected = model.model.latent_format.latent_channels
+        if samples.ndim != 4 or samples.shape[1] != expected:
+            raise EditKitInputError(node, "source", f"a latent with shape {tuple(samples.shape)} does not fit this model "
+                                    f"({expected} latent channels)", "encode the image with this model's VAE")
+        strength = local_masks.to_latent(mask, samples.shape, node, "mask")
+        m = model.clone()
+        chain_unet_wrapper(m, Patch(model.model.process_latent_in(samples.float()), strength).make)
+        return io.NodeOutput(m)
+
+
+NODES = [SDEdit, DiffEditMask, BlendedLatent, LEDITS]

@@ -40,6 +40,15 @@ class BranchSpec:
     quantile: float = 0.7
 
 
+@dataclass(frozen=True)
+class BranchPrediction:
+    """One branch of a batched call, for callers that combine branches themselves (LEDITS++'s edit terms):
+    the guided x0, and the raw conditional and unconditional x0 (uncond None when the call had no uncond row)."""
+    x0: torch.Tensor
+    cond: torch.Tensor
+    uncond: Optional[torch.Tensor]
+
+
 class BranchCond:
     """A model cond made of one part per branch; process_cond gives each part its share of the batch."""
 
@@ -168,8 +177,10 @@ class BranchGuider(comfy.samplers.CFGGuider):
     def wants_uncond(self, spec: BranchSpec, model_options: dict) -> bool:
         return (not math.isclose(spec.cfg, 1.0)) or bool(model_options.get("disable_cfg1_optimization", False))
 
-    def evaluate(self, xs: list, sigma, specs: list, model_options: dict, names: Optional[tuple] = None) -> list:
-        """x0 (after guidance) for each branch latent in xs, all branches in one batched model call."""
+    def evaluate(self, xs: list, sigma, specs: list, model_options: dict, names: Optional[tuple] = None,
+                 raw: bool = False) -> list:
+        """x0 (after guidance) for each branch latent in xs, all branches in one batched model call;
+        raw=True: a BranchPrediction per branch (guided, raw cond and uncond x0)."""
         n = len(xs)
         b = xs[0].shape[0]
         # The model sees float32 latents, as from ComfyUI's samplers (callers may keep float64 states).
@@ -194,7 +205,9 @@ class BranchGuider(comfy.samplers.CFGGuider):
             sl = slice(i * b, (i + 1) * b)
             u = uncond_pred[sl] if wants[i] else None
             mo_i = with_current(mo, names[i]) if n > 1 else mo
-            results.append(self.combine(s, cond_pred[sl], u, x[sl], ts[sl], mo_i, pos, neg if wants[i] else None))
+            guided = self.combine(s, cond_pred[sl], u, x[sl], ts[sl], mo_i, pos, neg if wants[i] else None)
+            results.append(BranchPrediction(guided, cond_pred[sl], u)
+                           if raw else guided)
         return results
 
     def x0(self, x, sigma, spec: BranchSpec, model_options: dict):

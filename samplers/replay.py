@@ -107,6 +107,7 @@ def replay(guider: BranchGuider, inv: EditKitInversion, k0: int, model_options: 
     ctx = ReplayContext(guider, inv, k0, model_options, hooks, source_only)
     state = run_replay(ctx, callback)
     guider.source_drift = ctx.stats["source_drift"]
+    guider.replay_stats = ctx.stats       # what the hooks measured (LEDITS++'s implicit masks)
     if source_only:
         return state.source.float()
     if output == OUTPUTS[1]:

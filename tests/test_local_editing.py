@@ -16,6 +16,7 @@ from editkit.core.patches import SharedPatch
 from editkit.local import diffedit, masks
 from editkit.nodes.editing import DiffEditMask
 from editkit.nodes.inversion import Invert, InversionSampler
+from editkit.samplers.methods.base import ReplayHook
 from ek_inversion_helpers import analytic_model, latent, node_out
 
 SOURCE, TARGET = "a red circle on a white background", "a blue circle on a white background"
@@ -174,3 +175,57 @@ def test_sd15_full_mask(sd15_full):
     x = D.add_noise(ms, x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)), sigma)
     want = (D.predict_x0(sd15_full, x, sigma, qry).float() - D.predict_x0(sd15_full, x, sigma, ref).float()).abs().mean(1)
     torch.testing.assert_close(dmap.raw, want.cpu(), rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# RePaint resampling (replay hooks plan / on_jump)
+# ---------------------------------------------------------------------------------------------
+
+def test_repaint_plan():
+    from editkit.local.blend import RePaint
+    assert RePaint(2, 2).plan(None, [0, 1, 2, 3, 4, 5]) == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]
+    assert RePaint(3, 2).plan(None, [2, 3, 4, 5, 6]) == [2, 3, 4, 2, 3, 4, 5, 6, 5, 6]
+    assert RePaint(4, 1).plan(None, [0, 1, 2]) == [0, 1, 2]
+
+
+def test_renoise_matches_the_forward_process(tiny_eps, tiny_flow):
+    for model in (tiny_eps, tiny_flow):
+        ms = model.get_model_object("model_sampling")
+        x0, e1, e2 = latent(1), latent(2), latent(3)
+        lo, hi = 0.4, 0.8 if D.space(ms) == "flow" else 3.0
+        x = D.renoise(ms, D.add_noise(ms, x0, e1, lo), lo, hi, e2)
+        # x = a x0 + c (noise of std hi): the clean part scaled like add_noise at hi, the noise variance hi^2
+        a = (1 - hi) if D.space(ms) == "flow" else 1.0
+        c1 = (a / (1 - lo) * lo) if D.space(ms) == "flow" else lo
+        c2 = (hi * hi - c1 * c1) ** 0.5
+        torch.testing.assert_close(x - a * x0, c1 * e1 + c2 * e2, rtol=1e-5, atol=1e-5)
+        assert abs(c1 * c1 + c2 * c2 - hi * hi) < 1e-9
+
+
+class _Visits(ReplayHook):
+    """Records the replayed step indices (test helper; per-run state in ctx.stats)."""
+
+    def on_step(self, ctx, step, state):
+        ctx.stats.setdefault("visits", []).append(step.index)
+        return state
+
+
+def test_repaint_in_masked_decoding_keeps_the_source_outside(tiny_eps, encode):
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+    from editkit.local.blend import RePaint
+    from editkit.samplers.replay import InversionReplaySampler
+    model = analytic_model(tiny_eps, maps_scale=4.0)
+    inv = node_out(Invert.execute(model, {"samples": latent(4)}, encode(SOURCE), 1.0, 6, "normal", 0))[1]
+    strength = torch.zeros(1, 8, 8)
+    strength[:, 2:6, 2:6] = 1.0
+    noise, guider, sampler, sigmas, lat = node_out(
+        InversionSampler.execute(model, inv, encode(TARGET), 1.0, "source + target", mask=strength))
+    sampler = InversionReplaySampler(inv, "source + target", sampler.hooks + (RePaint(2, 2, seed=1), _Visits()))
+    out = node_out(SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, lat))[0]["samples"]
+    assert guider.replay_stats["visits"] == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]
+    assert guider.replay_stats["repaint_jumps"] == 3
+    tgt = out[1:]
+    src = model.model.process_latent_out(inv.latents[-1].float())      # the stored clean source
+    keep = (strength == 0)[0]
+    torch.testing.assert_close(tgt[..., keep], src[..., keep], rtol=0, atol=1e-5)     # outside: the source
+    assert float((tgt - src)[..., ~keep].abs().max()) > 1e-2                          # inside: edited

@@ -22,7 +22,10 @@ A `ReplayHook` changes a replay without a branch in the driver (samplers/replay.
   on_denoised(ctx, step, source, target) the x0 predictions of each branch, before the method steps
                                          with them (RF-Inversion's pull toward the source image);
   on_step(ctx, step, state)              the state after every step (Direct Inversion's snap of the source
-                                         branch onto the stored trajectory; masked decoding).
+                                         branch onto the stored trajectory; masked decoding);
+  branches(ctx, step) + on_branches(ctx, step, target, target_x0, preds)
+                                         extra branches evaluated at the target latent in the same batched
+                                         call, and the target x0 made from their raw predictions (LEDITS++).
 
 Hooks are immutable configuration (a sampler node may hand the same hook to several runs); per-run
 state lives in `ctx.scratch` / `ctx.stats` of the run's ReplayContext.
@@ -35,6 +38,7 @@ from typing import Optional
 
 import torch
 
+from ...core.branches import DEFAULT_BRANCHES, TARGET
 from ..branch_guider import BranchGuider, BranchSpec, make_guider
 from ..steps import prepare_latent, progress_bar, sigma_at
 from ..trajectory import EditKitInversion, model_identity, to_storage, work_dtype
@@ -176,10 +180,22 @@ class ReplayContext:
         (the source alone when target is None), then through every hook's on_denoised."""
         specs = self.method.branch_specs(self, step.index)
         mo = self.model_options
+        extra = [] if target is None else [(h, list(h.branches(self, step))) for h in self.hooks]
+        extra = [(h, ss) for h, ss in extra if ss]
         if target is None:
             den = (self.guider.evaluate([source], step.sigma, specs[:1], mo)[0].to(self.dtype), None)
-        else:
+        elif not extra:
             den = tuple(d.to(self.dtype) for d in self.guider.evaluate([source, target], step.sigma, specs, mo))
+        else:
+            flat = [s for _, ss in extra for s in ss]
+            names = DEFAULT_BRANCHES + tuple(f"{TARGET}.extra{k}" for k in range(len(flat)))
+            preds = self.guider.evaluate([source, target] + [target] * len(flat), step.sigma, specs + flat, mo,
+                                         names=names, raw=True)
+            den, k = (preds[0].x0.to(self.dtype), preds[1].x0.to(self.dtype)), 2
+            for h, ss in extra:
+                own = preds[:2] + preds[k:k + len(ss)]
+                den = (den[0], h.on_branches(self, step, target, den[1], own).to(self.dtype))
+                k += len(ss)
         for h in self.hooks:
             den = h.on_denoised(self, step, *den)
         return den
@@ -199,6 +215,17 @@ class ReplayHook:
 
     def on_step(self, ctx: ReplayContext, step: Step, state: ReplayState) -> ReplayState:
         return state
+
+    def branches(self, ctx: ReplayContext, step: Step) -> list:
+        """Extra BranchSpecs evaluated at the target latent in the step's batched model call (after the
+        source and target branches; LEDITS++'s edit concepts)."""
+        return []
+
+    def on_branches(self, ctx: ReplayContext, step: Step, target: torch.Tensor, target_x0: torch.Tensor,
+                    preds: list) -> torch.Tensor:
+        """The target's x0 from the call's BranchPredictions [source, target, *this hook's branches] (raw
+        cond / uncond x0 each) and the target latent; called only when `branches` gave some."""
+        return target_x0
 
 
 class SnapSource(ReplayHook):

@@ -1,4 +1,5 @@
-"""Workflows of local editing: DiffEdit (automatic mask + inversion to the encode ratio + masked decoding), SEGA."""
+"""Workflows of local editing: DiffEdit (automatic mask + inversion to the encode ratio + masked decoding), SEGA,
+LEDITS++."""
 from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, checkpoint, decode_and_save, note, photo, photo_step, text
 
 
@@ -67,5 +68,75 @@ def sega():
                     "beta 0.6 (Brack et al. 2023).")
 
 
+LEDITS_EDITS = "- a red circle [circle]\n+ a blue circle [circle]"
+
+
+def ledits(family="sd15"):
+    b = builder()
+    note(b, family, "LEDITS++: several edits in one pass, each inside its implicit mask",
+         [photo_step(family),
+          "**Source prompt**: describe your photo (the DDPM inversion's guidance; an empty prompt works too).",
+          "**LEDITS++ edits**: one edit per line, '+ concept' adds and '- concept' removes; '[word]' picks the "
+          "words whose attention map makes the mask, ': 7' sets that edit's scale. Here the red circle is "
+          "removed and a blue one added in the same pass.",
+          "The node's preview shows each edit's implicit mask (cross-attention map AND noise difference); "
+          "lower **threshold** for larger masks, raise **scale** for stronger edits, raise the inversion's "
+          "**skip** to keep more of the layout."],
+         "edit-friendly DDPM inversion 50 steps, skip 8, CFG 3.5; edit scale 5, threshold 0.9, no warm-up "
+         "(Brack et al. 2024; diffusers' LEditsPP defaults).")
+    ld = checkpoint(b, family)
+    img = photo(b, ld.out("vae"), family)
+    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    inv = b.add("EditKitDDPMInversion", cfg=3.5, steps=50, scheduler="normal", skip=8, seed=0)
+    b.connect(ld.out("model"), inv, "model")
+    b.connect(img["latent"].out(0), inv, "latent")
+    b.connect(src.out(0), inv, "positive")
+    b.connect(neg.out(0), inv, "negative")
+    led = b.add("EditKitLEDITS", edits=LEDITS_EDITS, scale=5.0, threshold=0.9, warmup=0, masks="intersect",
+                output="target")
+    b.connect(ld.out("model"), led, "model")
+    b.connect(ld.out("clip"), led, "clip")
+    b.connect(inv.out(1), led, "inversion")
+    decode_and_save(b, led.out(0), ld.out("vae"), "editkit_ledits", title="Decode the edit")
+    return b.build()
+
+
+def blended_latent(family="sd15"):
+    b = builder()
+    note(b, family, "Blended latents: a masked img2img edit with a plain KSampler",
+         [photo_step(family),
+          "**Source prompt** / **Edit prompt**: DiffEdit Mask finds where they disagree (or connect your own MASK).",
+          "**Blended Latent** patches the model: outside the mask it keeps your photo (the latent follows the photo "
+          "noised to each step's level), inside it the KSampler edits with the edit prompt.",
+          "**KSampler** denoise sets how far the edit may go (img2img from the photo's latent)."],
+         "mask: DiffEdit n 10, ratio 0.5, threshold 0.5; KSampler Euler 30 steps, CFG 7.5, denoise 0.7 "
+         "(Blended Latent Diffusion, Avrahami et al. 2023).")
+    ld = checkpoint(b, family)
+    img = photo(b, ld.out("vae"), family)
+    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
+    tgt = text(b, ld.out("clip"), EDIT_PROMPT, "Edit prompt")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    mask = b.add("EditKitDiffEditMask", n=10, encode_ratio=0.5, threshold=0.5, dilate=0, blur=0.0, seed=0)
+    b.connect(ld.out("model"), mask, "model")
+    b.connect(img["latent"].out(0), mask, "latent")
+    b.connect(src.out(0), mask, "reference")
+    b.connect(tgt.out(0), mask, "query")
+    b.connect(img["image"].out(0), mask, "image")
+    blend = b.add("EditKitBlendedLatent")
+    b.connect(ld.out("model"), blend, "model")
+    b.connect(img["latent"].out(0), blend, "source")
+    b.connect(mask.out(0), blend, "mask")
+    ks = b.add("KSampler", seed=0, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=0.7)
+    b.connect(blend.out(0), ks, "model")
+    b.connect(tgt.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
+    b.connect(img["latent"].out(0), ks, "latent_image")
+    decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_blended_latent", title="Decode the edit")
+    return b.build()
+
+
 WORKFLOWS = {"diffedit": ("Editing - DiffEdit", diffedit),
+             "blended_latent": ("Editing - Blended Latent (KSampler)", blended_latent),
+             "ledits": ("Editing - LEDITS++", ledits),
              "guidance_sega": ("Guidance - SEGA", sega)}
