@@ -1,4 +1,4 @@
-"""Block caching for DiTs (Δ-DiT, Chen et al. 2024; First-Block-Cache / TeaCache-style threshold).
+"""Block caching for DiTs (Delta-DiT, Chen et al. 2024; First-Block-Cache / TeaCache-style threshold).
 
 The DiT's block stack (SD3 joint blocks; Flux double then single blocks, in execution order from
 core/introspect's layout) is split into the first block and the rest. On a full call every block runs and
