@@ -201,3 +201,26 @@ def test_bad_inputs(tiny_eps, tiny_flux, encode):
         _bc(tiny_eps)
     with pytest.raises(EditKitInputError, match="cache_interval"):
         sample_ksampler(_bc(tiny_flux, "uniform", interval=8), encode("a"), encode(""), _lat(), steps=4)
+
+
+@pytest.mark.parametrize("mode,thr", [("uniform", 0.0), ("threshold", 0.5)])
+def test_source_and_target_branches_never_read_each_others_cache(tiny_flux, mode, thr):
+    """A source+target batch (branch contract, core/branches.py) through three calls of one run: each branch's
+    outputs equal that branch replayed alone through a fresh run (its own cache only), and reuse happened."""
+    from editkit.core.branches import with_branches
+    m = _bc(tiny_flux, mode, threshold=thr, interval=3)
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 16, 8, 8, generator=g) for _ in range(3)]
+    ctx, y = torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g)
+    sig = torch.tensor([1.0, 0.95, 0.9, 0.0])
+    branches = with_branches({"transformer_options": {"cond_or_uncond": [0]}}, ("source", "target"))["transformer_options"]
+    run = RunCaches()
+    outs = [_forward(m, x * (1 + 0.01 * i), ctx, y, {**branches, "sample_sigmas": sig, "sigmas": sig[i:i + 1], RUN_KEY: run},
+                     0.9 - 0.01 * i) for i, x in enumerate([xs[0]] * 3)]
+    assert next(iter(run.spaces.values())).get("cached_calls", 0) >= 1
+    for r in range(2):
+        alone_run = RunCaches()
+        for i in range(3):
+            to = {"cond_or_uncond": [0], "sample_sigmas": sig, "sigmas": sig[i:i + 1], RUN_KEY: alone_run}
+            alone = _forward(m, xs[0][r:r + 1] * (1 + 0.01 * i), ctx[r:r + 1], y[r:r + 1], to, 0.9 - 0.01 * i)
+            assert (alone[0] - outs[i][r]).abs().max() <= 1e-5 * outs[i][r].abs().max() + 1e-6
