@@ -10,6 +10,7 @@ import torch
 
 EPS, V_PREDICTION, FLOW = "eps", "v_prediction", "flow"
 VARIANTS = [EPS, V_PREDICTION, FLOW]
+SD3_DIT = "sd3 (MMDiT)"   # the loader's DiT option: tiny_sd3 + the 16-channel tiny VAE (DiT-only nodes' toy runs)
 CONTEXT_DIM = 32
 
 
@@ -122,8 +123,8 @@ def tiny_sd3(seed: int = 0, depth: int = 2, dtype=torch.float32, x_block_self_at
     return _patcher(base)
 
 
-def tiny_vae(seed: int = 1):
-    """An AutoencoderKL with the standard 8x downscale and 4 latent channels, 32 base channels."""
+def tiny_vae(seed: int = 1, channels: int = 4):
+    """An AutoencoderKL with the standard 8x downscale and 4 latent channels (16 for SD3/Flux latents), 32 base channels."""
     import logging
 
     import comfy.sd
@@ -131,8 +132,8 @@ def tiny_vae(seed: int = 1):
     level = root.level
     root.setLevel(logging.ERROR)  # ComfyUI lists every key of an empty state dict as missing
     try:
-        vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": {
-        "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+        vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": channels, "ddconfig": {
+        "double_z": True, "z_channels": channels, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
         "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}})
     finally:
         root.setLevel(level)

@@ -1,14 +1,14 @@
-"""Speed nodes: DeepCache, ToDo, TGATE (library: cache/)."""
+"""Speed nodes: DeepCache, Block Cache, ToDo, TGATE (library: cache/)."""
 from __future__ import annotations
 
 from .api import io
 from .base import EditKitNode
 from . import feedback
 
-from ..cache import deepcache, tgate, todo
+from ..cache import blockcache, deepcache, tgate, todo
 from ..cache.schedule import SCHEDULES, UNIFORM, check_interval, key_steps
 from ..core.errors import EditKitInputError, require
-from ..core.introspect import require_architecture
+from ..core.introspect import attention_layout, require_architecture
 
 CATEGORY = "EditKit/speed"
 
@@ -62,6 +62,67 @@ class DeepCache(EditKitNode):
         k20 = sorted(key_steps(20, cache_interval, schedule))
         text = (f"DeepCache: whole UNet on {len(k20)} of 20 steps ({', '.join(map(str, k20))}); the others run input "
                 f"blocks 0..{cache_branch} and output blocks {n_out - 1 - cache_branch}..{n_out - 1}.")
+        return io.NodeOutput(m, ui=feedback.show(cls, text=text))
+
+
+class BlockCacheNode(EditKitNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitBlockCache",
+            display_name="Block Cache (reuse DiT block residuals)",
+            category=CATEGORY,
+            description="Block caching for DiTs (Delta-DiT, Chen et al. 2024; First-Block-Cache / TeaCache-style "
+                        "threshold): the first transformer block always runs; when its residual changed little since "
+                        "the last full step (or on a fixed schedule) the other blocks are skipped and the residual they "
+                        "added then is reused. Caches are kept per branch and per run. DiTs (SD3, Flux); for UNets "
+                        "use EditKit DeepCache.",
+            inputs=[
+                io.Model.Input("model", tooltip="A DiT model (SD3 / SD3.5, Flux). The output is a patched clone."),
+                io.Combo.Input("mode", options=list(blockcache.MODES), default=blockcache.THRESHOLD,
+                               tooltip="threshold: skip while the first block's residual changed less than threshold "
+                                       "(adaptive, First-Block-Cache); uniform / non-uniform: a full step every "
+                                       "cache_interval steps (Delta-DiT style fixed schedule)."),
+                io.Float.Input("threshold", default=0.08, min=0.0, max=1.0, step=0.01,
+                               tooltip="threshold mode: relative mean change of the first block's residual below "
+                                       "which the cached residual is reused (0 = plain sampling; 0.05-0.12 typical, "
+                                       "larger = faster, further from plain)."),
+                io.Int.Input("cache_interval", default=2, min=1, max=1000,
+                             tooltip="uniform / non-uniform modes: every N-th step runs all blocks (1 = plain). Must "
+                                     "not exceed the step count."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Reuse only from this fraction of the run on (earlier steps run in full)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Reuse only before this fraction of the run (later steps run in full)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The clone with block caching installed.")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, threshold, cache_interval, start_percent, end_percent) -> io.NodeOutput:
+        node = "EditKitBlockCache"
+        require_architecture(model, {"flux", "mmdit"}, node,
+                             what="Block Cache (DiT blocks; use EditKit DeepCache for SD1.x / SD2.x / SDXL UNets)")
+        require(mode in blockcache.MODES, node, "mode", f"unknown mode {mode!r}", f"use one of {', '.join(blockcache.MODES)}")
+        require(0.0 <= threshold <= 1.0, node, "threshold", f"{threshold} is outside [0, 1]",
+                "use 0 (plain) to 1; 0.05-0.12 is typical")
+        check_interval(node, cache_interval)
+        require(0.0 <= start_percent < end_percent <= 1.0, node, "start_percent",
+                f"the window [{start_percent}, {end_percent}) is empty or outside [0, 1]", "make start_percent < end_percent")
+        blocks = attention_layout(model).dit_blocks
+        require(len(blocks) >= 2, node, "model", f"this DiT has {len(blocks)} block(s): nothing to cache",
+                "connect a DiT with two or more transformer blocks")
+        m = model.clone()
+        blockcache.install(m, blockcache.BlockCacheConfig(mode, float(threshold), cache_interval, start_percent, end_percent))
+        if mode == blockcache.THRESHOLD:
+            text = (f"Block Cache: {len(blocks)} blocks; the first always runs, the other {len(blocks) - 1} are skipped "
+                    f"while its residual changes by less than {threshold:g} (relative).")
+        else:
+            k20 = sorted(key_steps(20, cache_interval, mode))
+            text = (f"Block Cache: all {len(blocks)} blocks on {len(k20)} of 20 steps ({', '.join(map(str, k20))}); "
+                    f"the others run the first block and reuse the rest's residual.")
         return io.NodeOutput(m, ui=feedback.show(cls, text=text))
 
 
@@ -132,4 +193,4 @@ class TGateNode(EditKitNode):
         return io.NodeOutput(m)
 
 
-NODES = [DeepCache, ToDoNode, TGateNode]
+NODES = [DeepCache, BlockCacheNode, ToDoNode, TGateNode]

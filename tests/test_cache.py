@@ -273,3 +273,79 @@ def test_inversion_sampler_source_branch_never_reads_the_target_cache(tiny_eps, 
     assert a.shape[0] == 2
     assert (a[0] - b[0]).abs().max() <= 1e-5 * a[0].abs().max() + 1e-6
     assert (a[1] - b[1]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches under MasaCtrl and under EditKitGuider's extra branches
+# ---------------------------------------------------------------------------------------------
+
+REPLAY = {"deepcache": lambda m: _dc(m, 3), "tgate": lambda m: _tg(m, 2, average=False), "todo": lambda m: _todo(m)}
+
+
+def _recording(m):
+    """Records every model call (inputs per chunk, output) of the clone m."""
+    import comfy.patcher_extension as pe
+    calls, on = [], [True]
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+        out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+        if on[0]:
+            to = transformer_options
+            calls.append(dict(x=x.clone(), t=t.clone(), ctx=c_crossattn.clone(), cou=list(to["cond_or_uncond"]),
+                              sig=to["sigmas"].clone(), sched=to["sample_sigmas"].clone(), out=out.clone()))
+        return out
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.record", wrapper)
+    return calls, on
+
+
+@pytest.mark.parametrize("kind", list(REPLAY))
+def test_guider_extra_branch_rows_never_read_each_others_cache(tiny_eps, encode, kind):
+    """EditKitGuider with Perp-Neg (a third, "empty" branch batched with cond and uncond) on a cached model:
+    every chunk's outputs over the run equal that chunk replayed ALONE through a fresh run of the same cache
+    (its own inputs step by step), so no branch read another's cached features; and the term still acts."""
+    from editkit.guidance import terms as T
+    from editkit.nodes import guidance as N
+    import comfy.samplers
+    pos, neg, empty = encode(SRC), encode("a green square"), encode("")
+    m = REPLAY[kind](tiny_eps)
+    calls, on = _recording(m)
+    sig = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "normal", 6).cpu()
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def run(model, terms):
+        g = node_out(N.Guider.execute(model, pos, neg, 5.0, tuple(terms)))[0]
+        return g.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sig, seed=0)
+    perp = [T.PerpNegTerm(empty=empty, neg_scale=1.0)]
+    out = run(m, perp)
+    on[0] = False
+    assert len(calls) == 6 and all(len(c["cou"]) == 3 for c in calls)     # cond, uncond and the extra branch
+    base = {**m.model_options["transformer_options"], "wrappers": m.wrappers}
+    n = calls[0]["x"].shape[0] // 3
+    for ci in range(3):
+        run_state = RunCaches()
+        for c in calls:
+            rows = slice(ci * n, (ci + 1) * n)
+            to = {**base, RUN_KEY: run_state, "cond_or_uncond": [c["cou"][ci]], "sigmas": c["sig"],
+                  "sample_sigmas": c["sched"]}
+            alone = m.model.apply_model(c["x"][rows], c["t"][rows], c_crossattn=c["ctx"][rows], transformer_options=to)
+            assert (alone - c["out"][rows]).abs().max() <= 1e-5 * c["out"][rows].abs().max() + 1e-6
+    assert (out - run(REPLAY[kind](tiny_eps), [])).abs().mean() > 1e-3      # Perp-Neg still acts with the cache
+
+
+@pytest.mark.parametrize("kind", list(CACHES))
+def test_masactrl_pair_with_a_cache_stays_an_edit(tiny_eps, tiny_clip, encode, kind):
+    """MasaCtrl (the target's self-attention reads the source's keys/values) with a cache: the pair's source
+    row is the source prompt sampled alone with the same cache (the source never reads the target's
+    cache), the target differs from the source (an edit), and from the uncached pair (the cache acted)."""
+    import nodes
+    from editkit.nodes.attention_control import MasaCtrlNode
+    cond, lat = node_out(PromptBatch.execute(tiny_clip, SRC, TGT, 128, 128))
+    neg = encode("")
+    masa = node_out(MasaCtrlNode.execute(tiny_eps, 1, 4, -1, "", 0.1))[0]
+    ks = lambda m, c, la: nodes.common_ksampler(m, 1, 6, 5.0, "euler", "normal", c, neg,
+                                                {"samples": la, "batch_index": [0] * la.shape[0]})[0]["samples"]
+    pair = ks(CACHES[kind](masa), cond, lat["samples"])
+    alone = ks(CACHES[kind](tiny_eps), encode(SRC), lat["samples"][:1])
+    assert (pair[0] - alone[0]).abs().max() <= 1e-5 * alone[0].abs().max()
+    assert (pair[1] - pair[0]).abs().mean() > 1e-3
+    assert not torch.equal(pair, ks(masa, cond, lat["samples"]))

@@ -1,14 +1,28 @@
-"""Workflows of the speed nodes (DeepCache, ToDo, TGATE): the same seed sampled plainly and with the
+"""Workflows of the speed nodes (DeepCache, Block Cache, ToDo, TGATE): the same seed sampled plainly and with the
 cache, saved side by side (first image plain, second cached) so the cost of the speed-up is visible."""
-from .common import builder, checkpoint, decode_and_save, empty_latent, note, text
+from .common import FAMILIES, builder, checkpoint, empty_latent, note, text
 
 PROMPT = "a photo of a red apple on a wooden table, soft daylight"
 
 
+# Block Cache serves DiTs only: its toy run loads the tiny SD3 transformer (and its 16-channel VAE) built in
+# code instead of the toy UNet, with random weights (the run checks the graph, its images are noise).
+DIT_TOY = {"type": "EditKitTinyModelLoader", "inputs": {"parameterization": "sd3 (MMDiT)", "seed": 0},
+           "slots": {"0": 0, "1": 1, "2": 2}, "resolution": 1024}
+
+
+def _loader(b, family):
+    if family == "sd3-dit":
+        return b.add("CheckpointLoaderSimple", title="Load Checkpoint", col=0, toy=DIT_TOY, ckpt_name=FAMILIES["sd3"][0])
+    return checkpoint(b, family)
+
+
 def _compare(family, node, widgets, what, steps_text, defaults, prefix, steps, cfg, sampler="euler"):
     b = builder()
+    dit = family == "sd3-dit"
+    family = "sd3" if dit else family
     note(b, family, what, steps_text, defaults)
-    ld = checkpoint(b, family)
+    ld = _loader(b, "sd3-dit" if dit else family)
     pos = text(b, ld.out("clip"), PROMPT, "Prompt")
     neg = text(b, ld.out("clip"), "", "Negative prompt")
     lat = empty_latent(b, family, title="Empty Latent")
@@ -44,6 +58,19 @@ def deepcache(family="sd15"):
                     "N = 3, branch 0, uniform; 50 steps, CFG 7.5 (Ma et al. 2024).", "editkit_deepcache", 50, 7.5)
 
 
+def blockcache(family="sd3-dit"):
+    return _compare(family, "EditKitBlockCache", dict(mode="threshold", threshold=0.08, cache_interval=2,
+                                                      start_percent=0.0, end_percent=1.0),
+                    "Block Cache: reuse the DiT's block residuals where they change little",
+                    ["**Prompt**: anything; both samplers use the same seed. Works on SD3 / SD3.5 and Flux "
+                     "(for SD1.5 / SDXL UNets use DeepCache).",
+                     "**threshold**: larger = more steps reuse the cached residual (faster, further from plain); "
+                     "or pick mode uniform and a cache_interval for a fixed schedule.",
+                     "Compare the two saved images (plain first) and the run times in the console."],
+                    "threshold 0.08 on the first block's residual (First-Block-Cache); 28 steps, CFG 4.5.",
+                    "editkit_blockcache", 28, 4.5)
+
+
 def todo(family="sd15"):
     return _compare(family, "EditKitToDo", dict(downsample_factor=2, downsample_factor_level_2=1, method="nearest"),
                     "ToDo: cheaper self-attention by downsampling its keys and values",
@@ -64,6 +91,7 @@ def tgate(family="sd15"):
 
 WORKFLOWS = {
     "deepcache": ("Speed - DeepCache", deepcache),
+    "blockcache": ("Speed - Block cache", blockcache),
     "todo": ("Speed - ToDo", todo),
     "tgate": ("Speed - TGATE", tgate),
 }
