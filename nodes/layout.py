@@ -38,14 +38,17 @@ class Region(EditKitNode):
                         "Regional Attention or MultiDiffusion. Overlaps: regional attention lets a pixel see every "
                         "region prompt covering it, MultiDiffusion averages them by weight.",
             inputs=[
-                io.Conditioning.Input("conditioning", tooltip="The region's prompt (CLIP Text Encode), e.g. 'a red circle'."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="The region's prompt (CLIP Text Encode), e.g. 'a red circle'; needed by Regional "
+                                              "Attention and MultiDiffusion, not by Box Guidance (which reads the box and label)."),
                 io.Int.Input("x", default=0, min=0, max=16384, step=8, tooltip="Box left edge in image pixels (used without a mask)."),
                 io.Int.Input("y", default=0, min=0, max=16384, step=8, tooltip="Box top edge in image pixels (used without a mask)."),
                 io.Int.Input("width", default=256, min=0, max=16384, step=8, tooltip="Box width in pixels (used without a mask)."),
                 io.Int.Input("height", default=512, min=0, max=16384, step=8, tooltip="Box height in pixels (used without a mask)."),
                 io.Float.Input("weight", default=1.0, min=0.01, max=10.0, step=0.05,
                                tooltip="MultiDiffusion: the region's weight where regions overlap (regional attention ignores it)."),
-                io.String.Input("label", default="", tooltip="A name for the preview and messages (optional)."),
+                io.String.Input("label", default="", tooltip="A name for the preview and messages (optional); for Box Guidance "
+                                                             "the prompt word the box is for, e.g. 'circle'."),
                 io.Mask.Input("mask", optional=True, tooltip="Optional MASK (white = the region), any resolution with the image's "
                                                              "aspect ratio; a batch of masks gives one per image. Replaces the box."),
                 Regions.Input("regions", optional=True, tooltip="Regions made before this one (chain them)."),
@@ -54,7 +57,7 @@ class Region(EditKitNode):
         )
 
     @classmethod
-    def execute(cls, conditioning, x, y, width, height, weight, label, mask=None, regions=None) -> io.NodeOutput:
+    def execute(cls, x, y, width, height, weight, label, conditioning=None, mask=None, regions=None) -> io.NodeOutput:
         prev = tuple(regions or ())
         r = make_region("EditKitRegion", conditioning, mask=mask, box=None if mask is not None else (x, y, width, height),
                         weight=weight, label=label or f"region {len(prev) + 1}")
