@@ -405,6 +405,10 @@ def main(argv=None):
         import quality_drag
         return quality_drag.main((["--results", a.results] if a.results else []) + (["--no-save"] if a.no_save else [])
                                  + (["--write-readme"] if a.write_readme else []) + (["--readme"] if a.readme else []))
+    if a.only and [o.lower() for o in a.only] == ["layout"]:   # the layout table (bench/quality_layout.py)
+        import quality_layout
+        return quality_layout.main((["--results", a.results] if a.results else []) + (["--no-save"] if a.no_save else [])
+                                   + (["--write-readme"] if a.write_readme else []) + (["--readme"] if a.readme else []))
     global RESULTS
     RESULTS = os.path.abspath(a.results) if a.results else RESULTS
     import comfy.utils
