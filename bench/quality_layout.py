@@ -119,6 +119,48 @@ def rows() -> list:
             ("layout", "box guidance (shipped)", box, run_box, True)]
 
 
+PANO_W = 384
+
+
+def _panorama_image(model, clip, vae, scene):
+    import comfy.sample
+    noise = evaluate.seed_noise((4, 16, PANO_W // 8), [scene.seed])
+    pos, neg = toy.encode(clip, scene.caption), toy.encode(clip, "")
+    lat = comfy.sample.sample(model, noise, STEPS, CFG, "euler", "normal", pos, neg, torch.zeros_like(noise),
+                              disable_pbar=True, seed=scene.seed)
+    return vae.decode(lat)[0].float().cpu().detach().numpy()
+
+
+def panorama(n: int, clip, vae, m) -> list:
+    """MultiDiffusion panoramas 384x128 of single-object captions: each 128 px window scored by score_prompt
+    (fully right; background right), and the seam difference at the window borders x = 128, 256 vs inside;
+    against tiles (stride = window: no overlap) in the same run."""
+    from editkit.nodes.layout import MultiDiffusion
+    scenes = [world.sample_scene(7000 + i, n_objects=1, split="any") for i in range(n)]
+    out = []
+    for name, stride in (("MultiDiffusion, stride 64 px", 64), ("tiles, stride 128 px (no overlap)", 128)):
+        mm = MultiDiffusion.execute(m, 128, 128, stride, "uniform", None).args[0]
+        ok, bg, at, inside, times, records = [], [], [], [], [], []
+        for sc in scenes:
+            t = time.perf_counter()
+            img = _panorama_image(mm, clip, vae, sc)
+            times.append(time.perf_counter() - t)
+            for k in range(PANO_W // 128):
+                sco = scoring.score_prompt(img[:, 128 * k:128 * (k + 1)], sc.caption)
+                ok.append(sco.ok)
+                bg.append(sco.background_ok)
+                records.append({"case": sc.caption, "seed": sc.seed, "window": k, "ok": sco.ok, "why": sco.why})
+            a, i = scoring.seam_difference(img, [128, 256])
+            at.append(a)
+            inside.append(i)
+        out.append({"table": "panorama", "technique": name, "n": n, "windows": len(ok),
+                    "success": str(scoring.rate(ok)), "background": str(scoring.rate(bg)),
+                    "seam_border": round(statistics.mean(at), 4), "seam_inside": round(statistics.mean(inside), 4),
+                    "seconds_per_image": round(statistics.median(times), 2), "records": records})
+        print(json.dumps({k: v for k, v in out[-1].items() if k != "records"}), flush=True)
+    return out
+
+
 def _label(s: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in s.items()) or "-"
 
@@ -155,6 +197,20 @@ def run(n: int, results, write: bool, only=None) -> list:
                     w = csv.DictWriter(f, fieldnames=list(records[0]))
                     w.writeheader()
                     w.writerows(records)
+    if not only or any("panorama" in o.lower() for o in only):
+        with torch.inference_mode():
+            pano = panorama(max(2, n // 2), clip, vae, m)
+        for r in pano:
+            if results:
+                os.makedirs(os.path.join(results, "cases"), exist_ok=True)
+                slug = "multidiffusion" if r["technique"].startswith("Multi") else "tiles"
+                with open(os.path.join(results, "cases", f"layout-panorama-{slug}.csv"), "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(r["records"][0]))
+                    w.writeheader()
+                    w.writerows(r["records"])
+            del r["records"]
+            r["settings"] = "384x128, window 128 px, uniform"
+        out += pano
     plain = statistics.median(plain_times) if plain_times else None
     for r in out:
         r["time_vs_plain"] = round(r["seconds_per_image"] / plain, 2) if plain else None
@@ -181,9 +237,19 @@ def table(data: dict) -> str:
              f"{data.get('host', '')})", "",
              "| table | method | settings | success (95 % Wilson) | time / image (x plain) |", "|---|---|---|---|---|"]
     for r in data["rows"]:
+        if r["table"] == "panorama":
+            continue
         what = "both objects right" if r["table"] == "binding" else "both right, each centroid in its box"
         lines.append(f"| {r['table']}: {what} | {r['technique']} | {r['settings']} | {r['success']} | "
                      f"{r['seconds_per_image']} s ({r.get('time_vs_plain')}x) |")
+    pano = [r for r in data["rows"] if r["table"] == "panorama"]
+    if pano:
+        lines += ["", f"Panorama 384x128 (single-object captions; each 128 px window scored by score_prompt):", "",
+                  "| method | windows fully right | background right | seam: mean column difference at x = 128, 256 "
+                  "vs inside | time / panorama (x plain image) |", "|---|---|---|---|---|"]
+        for r in pano:
+            lines.append(f"| {r['technique']} | {r['success']} | {r['background']} | {r['seam_border']} vs "
+                         f"{r['seam_inside']} | {r['seconds_per_image']} s ({r.get('time_vs_plain')}x) |")
     return "\n".join(lines)
 
 
