@@ -114,6 +114,7 @@ def rows() -> list:
     box = shipped.read_settings(BOX_SHIPPED)
     return [("binding", "plain", {}, run_plain, False),
             ("binding", "Attend-and-Excite (shipped)", ae, run_ae, False),
+            ("binding", "Attend-and-Excite (reference: scale 200)", {**ae, "scale": 200.0}, run_ae, False),
             ("layout", "plain (no layout input)", {}, run_plain, True),
             ("layout", "regional attention (masked)", {}, run_regional, True),
             ("layout", "regional attention (masked, global prompt only outside the boxes)",
