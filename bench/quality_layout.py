@@ -199,7 +199,9 @@ def run(n: int, results, write: bool, only=None) -> list:
             print(json.dumps(row), flush=True)
             if results:
                 os.makedirs(os.path.join(results, "cases"), exist_ok=True)
-                slug = name.lower().split(" (")[0].replace(" ", "-")
+                slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+                while "--" in slug:
+                    slug = slug.replace("--", "-")
                 with open(os.path.join(results, "cases", f"layout-{table_}-{slug}.csv"), "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=list(records[0]))
                     w.writeheader()
