@@ -248,6 +248,9 @@ def table(data: dict) -> str:
              f"{data.get('host', '')})", "",
              "| table | method | settings | success (95 % Wilson) | each matched centroid in its box | time / image (x plain) |",
              "|---|---|---|---|---|---|"]
+    order = ["binding", "layout", "panorama"]
+    data = {**data, "rows": sorted(data["rows"], key=lambda r: (order.index(r["table"]) if r["table"] in order else 9,
+                                                               not r["technique"].startswith("plain"), r["technique"]))}
     for r in data["rows"]:
         if r["table"] == "panorama":
             continue
