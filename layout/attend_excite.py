@@ -295,9 +295,9 @@ class LatentUpdate(SharedPatch):
                 shift = self.update(apply_model, x[rows], t[rows], cc, i, n, float(sched[i]), ms)
                 with self.run.lock:
                     self.run.shift[i] = shift
-            if shift is None:
-                return call_next(apply_model, args)
-            d = shift.repeat(len(cou), 1, 1, 1)
+            if shift is None or shift.shape[0] != b or shift.shape[1:] != x.shape[1:]:
+                return call_next(apply_model, args)     # a call of another shape this step (area conds): unmoved
+            d = shift.to(x).repeat(len(cou), 1, 1, 1)
             out = call_next(apply_model, {**args, "input": x + d})
             s, sn = float(sched[i]), float(sched[i + 1])
             k = sn / (s - sn) if s > sn else 0.0
