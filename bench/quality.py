@@ -412,6 +412,10 @@ def main(argv=None):
         per_split = a.per_split if a.per_split != 48 else 4     # 20 cases by default: the table takes minutes, not hours
         return quality_local.main(["--per-split", str(per_split)]
                                   + ([] if a.no_save else ["--json", out]))
+    if a.only and [o.lower() for o in a.only] == ["layout"]:   # the layout table (bench/quality_layout.py)
+        import quality_layout
+        return quality_layout.main((["--results", a.results] if a.results else []) + (["--no-save"] if a.no_save else [])
+                                   + (["--write-readme"] if a.write_readme else []) + (["--readme"] if a.readme else []))
     RESULTS = os.path.abspath(a.results) if a.results else RESULTS
     import comfy.utils
     comfy.utils.set_progress_bar_enabled(False)    # this script prints tables, not per-sample bars

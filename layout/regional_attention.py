@@ -88,6 +88,7 @@ class RegionalAttention(SharedPatch):
         self.global_in_regions = bool(global_in_regions)
         self.sigma_start, self.sigma_end, self.downscale = sigma_start, sigma_end, downscale
         self.ms = model_sampling
+        self._masks: dict = {}      # geometry -> (masks, cond rows): derived data only, never configuration
 
     def active(self, extra: dict) -> bool:
         sig = extra.get("sigmas")
@@ -107,11 +108,22 @@ class RegionalAttention(SharedPatch):
 
     # --- per call geometry ------------------------------------------------------------------------
     def query_masks(self, extra: dict, b: int, lq: int, device, dtype) -> torch.Tensor:
-        """(B, Lq, R) region coverage per query row: zero on uncond rows."""
+        """(B, Lq, R) region coverage per query row: zero on uncond rows (cached per geometry: the same for
+        every layer of a resolution and every step)."""
         shape = extra.get("original_shape")
         lat_h, lat_w = int(shape[-2]), int(shape[-1])
-        h, w = layer_grid(lat_h, lat_w, lq)
         cou = list(extra.get("cond_or_uncond") or [0])
+        key = (lat_h, lat_w, b, lq, tuple(cou), str(device), dtype, torch.is_inference_mode_enabled())
+        hit = self._masks.get(key)
+        if hit is None:
+            hit = self._query_masks(lat_h, lat_w, cou, b, lq, device, dtype)
+            if len(self._masks) > 64:
+                self._masks.clear()
+            self._masks[key] = hit
+        return hit
+
+    def _query_masks(self, lat_h, lat_w, cou, b, lq, device, dtype):
+        h, w = layer_grid(lat_h, lat_w, lq)
         rows = []
         for i, r in enumerate(self.regions):
             g = at_grid(latent_grid(self.node, r, lat_h, lat_w, self.downscale, i), h, w).reshape(-1, lq)

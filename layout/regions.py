@@ -20,7 +20,7 @@ from ..core.errors import EditKitInputError
 
 @dataclass(frozen=True)
 class Region:
-    context: torch.Tensor            # (1, L, C) text tokens of the region's prompt (first CONDITIONING entry)
+    context: Optional[torch.Tensor]  # (1, L, C) text tokens of the region's prompt (first CONDITIONING entry); None: a box only
     pooled: Optional[torch.Tensor]   # (1, C') pooled output if the conditioning has one
     mask: Optional[torch.Tensor]     # (Bm, H, W) in [0, 1] (Bm 1 or the image batch), or None
     box: Optional[tuple]             # (x, y, width, height) in image pixels, or None
@@ -29,13 +29,15 @@ class Region:
 
     def describe(self) -> str:
         where = f"box {self.box}" if self.mask is None else f"mask {tuple(self.mask.shape[-2:])}"
-        return f"{self.label or 'region'}: {where}, {self.context.shape[1]} tokens, weight {self.weight:g}"
+        toks = "no prompt" if self.context is None else f"{self.context.shape[1]} tokens"
+        return f"{self.label or 'region'}: {where}, {toks}, weight {self.weight:g}"
 
 
 def make_region(node: str, conditioning, mask=None, box=None, weight: float = 1.0, label: str = "") -> Region:
-    if not conditioning:
+    """conditioning None: a box/mask without a prompt (Box Guidance reads only the geometry and the label)."""
+    if conditioning is not None and not conditioning:
         raise EditKitInputError(node, "conditioning", "the conditioning is empty", "connect a CLIP Text Encode output")
-    ctx, extra = conditioning[0][0], conditioning[0][1]
+    ctx, extra = (conditioning[0][0].detach().cpu(), conditioning[0][1]) if conditioning is not None else (None, {})
     if mask is not None:
         m = mask if mask.ndim == 3 else mask.reshape(1, *mask.shape[-2:])
         m = m.float().clamp(0, 1).cpu()
@@ -50,7 +52,7 @@ def make_region(node: str, conditioning, mask=None, box=None, weight: float = 1.
     else:
         raise EditKitInputError(node, "mask", "neither a mask nor a box is given",
                                 "connect a MASK or set width and height of the box (pixels)")
-    return Region(ctx.detach().cpu(), extra.get("pooled_output"), mask, tuple(int(v) for v in box) if mask is None else None,
+    return Region(ctx, extra.get("pooled_output"), mask, tuple(int(v) for v in box) if mask is None else None,
                   float(weight), label)
 
 
@@ -103,6 +105,9 @@ def at_grid(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def check_context(node: str, regions, context_dim: Optional[int]) -> None:
     for i, r in enumerate(regions):
+        if r.context is None:
+            raise EditKitInputError(node, "regions", f"region {i + 1} ({r.label or 'no label'}) has no prompt",
+                                    "connect a CLIP Text Encode to that EditKit Region's conditioning input")
         if context_dim and r.context.shape[-1] != context_dim:
             raise EditKitInputError(node, "regions", f"region {i + 1}'s prompt has {r.context.shape[-1]}-wide tokens but the "
                                     f"model expects {context_dim}", "encode the region prompts with this model's CLIP")

@@ -9,7 +9,9 @@ from .base import EditKitNode
 from . import feedback
 from ..core.errors import require
 from ..core.introspect import model_sampling, require_architecture
-from ..layout import multidiffusion, regional_attention
+from ..core.gradients import gradient_clone
+from ..core.tokens import split_words, token_positions
+from ..layout import attend_excite, multidiffusion, regional_attention
 from ..layout.regions import check_context, downscale_of, latent_grid, make_region, model_context_dim
 
 CATEGORY = "EditKit/layout"
@@ -36,14 +38,17 @@ class Region(EditKitNode):
                         "Regional Attention or MultiDiffusion. Overlaps: regional attention lets a pixel see every "
                         "region prompt covering it, MultiDiffusion averages them by weight.",
             inputs=[
-                io.Conditioning.Input("conditioning", tooltip="The region's prompt (CLIP Text Encode), e.g. 'a red circle'."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="The region's prompt (CLIP Text Encode), e.g. 'a red circle'; needed by Regional "
+                                              "Attention and MultiDiffusion, not by Box Guidance (which reads the box and label)."),
                 io.Int.Input("x", default=0, min=0, max=16384, step=8, tooltip="Box left edge in image pixels (used without a mask)."),
                 io.Int.Input("y", default=0, min=0, max=16384, step=8, tooltip="Box top edge in image pixels (used without a mask)."),
                 io.Int.Input("width", default=256, min=0, max=16384, step=8, tooltip="Box width in pixels (used without a mask)."),
                 io.Int.Input("height", default=512, min=0, max=16384, step=8, tooltip="Box height in pixels (used without a mask)."),
                 io.Float.Input("weight", default=1.0, min=0.01, max=10.0, step=0.05,
                                tooltip="MultiDiffusion: the region's weight where regions overlap (regional attention ignores it)."),
-                io.String.Input("label", default="", tooltip="A name for the preview and messages (optional)."),
+                io.String.Input("label", default="", tooltip="A name for the preview and messages (optional); for Box Guidance "
+                                                             "the prompt word the box is for, e.g. 'circle'."),
                 io.Mask.Input("mask", optional=True, tooltip="Optional MASK (white = the region), any resolution with the image's "
                                                              "aspect ratio; a batch of masks gives one per image. Replaces the box."),
                 Regions.Input("regions", optional=True, tooltip="Regions made before this one (chain them)."),
@@ -52,7 +57,7 @@ class Region(EditKitNode):
         )
 
     @classmethod
-    def execute(cls, conditioning, x, y, width, height, weight, label, mask=None, regions=None) -> io.NodeOutput:
+    def execute(cls, x, y, width, height, weight, label, conditioning=None, mask=None, regions=None) -> io.NodeOutput:
         prev = tuple(regions or ())
         r = make_region("EditKitRegion", conditioning, mask=mask, box=None if mask is not None else (x, y, width, height),
                         weight=weight, label=label or f"region {len(prev) + 1}")
@@ -188,4 +193,140 @@ class ShowRegions(EditKitNode):
         return io.NodeOutput(out.clamp(0, 1), ui=feedback.show(cls, images=out.clamp(0, 1)))
 
 
-NODES = [Region, RegionalAttention, MultiDiffusion, ShowRegions]
+def _encode(clip, prompt: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+
+
+def _latent_update(node: str, model, clip, prompt: str, words: list, scale: float, end_percent: float, refine: bool,
+                   max_refine: int, **objective) -> tuple:
+    """Validate, build the objective, install it on a gradient clone; returns (model, conditioning, text)."""
+    require_architecture(model, {"unet"}, node, what="cross-attention latent updates")
+    require(bool(prompt.strip()), node, "prompt", "the prompt is empty", "type the prompt (the same text the sampler uses)")
+    positions = token_positions(clip, prompt, words, node, objective.pop("words_input", "subjects"))
+    last = attend_excite.eot_position(clip, prompt)
+    attend_excite.check_subjects(node, positions, last)
+    binding = tuple((tuple(token_positions(clip, prompt, [a], node, "binding")[a]), words.index(o))
+                    for a, o in objective.pop("pairs", ()))
+    obj = attend_excite.Objective(tuple(tuple(positions[w]) for w in words), last, binding=binding, node=node, **objective)
+    m = gradient_clone(model)
+    patch = attend_excite.LatentUpdate(obj, scale=scale, end_percent=end_percent,
+                                       refine=attend_excite.PAPER_REFINE if refine else (), max_refine=max_refine,
+                                       downscale=downscale_of(model))
+    n = attend_excite.install(m, patch)
+    text = (f"subjects {', '.join(f'{w} (tokens {positions[w]})' for w in words)}; {n} cross-attention layers read; "
+            f"scale {scale:g} over the first {end_percent:.0%} of steps" + (", iterative refinement" if refine else ""))
+    return m, _encode(clip, prompt), text
+
+
+def _pairs(node: str, binding: str, words: list) -> tuple:
+    out = []
+    for phrase in split_words(binding):
+        parts = phrase.split()
+        require(len(parts) >= 2, node, "binding", f"'{phrase}' is not 'attribute object'", "write pairs like 'red circle, blue square'")
+        obj, attr = parts[-1], " ".join(parts[:-1])
+        require(obj in words, node, "binding", f"the object '{obj}' of '{phrase}' is not one of the subjects {words}",
+                "add it to subjects or fix the pair")
+        out.append((attr, obj))
+    return tuple(out)
+
+
+_UPDATE_INPUTS = lambda scale_tip: [  # noqa: E731
+    io.Float.Input("scale", default=20.0, min=0.0, max=1000.0, step=0.5,
+                   tooltip=scale_tip + " 0 = plain sampling (bit-identical)."),
+    io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
+                   tooltip="Update the latent during this first fraction of the steps (the paper: 25 of 50 = 0.5)."),
+    io.Boolean.Input("iterative_refinement", default=True,
+                     tooltip="At 0 %, 20 % and 40 % of the steps repeat the update until every subject's peak attention "
+                             "reaches 0.05 / 0.5 / 0.8 (the paper's steps 0/10/20 of 50)."),
+    io.Int.Input("max_refine", default=20, min=0, max=100, tooltip="At most this many extra updates per refinement step (the paper: 20)."),
+]
+
+
+class AttendAndExcite(EditKitNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitAttendAndExcite",
+            display_name="Attend-and-Excite",
+            category=CATEGORY,
+            description="Attend-and-Excite (Chefer et al. 2023): during the early steps the latent is moved by gradient "
+                        "descent so that every subject word gets a strong cross-attention peak (no subject left out); "
+                        "optionally an attribute-binding loss keeps each attribute's map on its object's (Rassin et al. "
+                        "2023-style). A model wrapper: works with every sampler (exact for Euler/DDIM-type steps). "
+                        "UNet models (SD1.x, SD2.x, SDXL); each updated step costs about 3 extra model passes.",
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL)."),
+                io.Clip.Input("clip", tooltip="The text encoder: finds the subject words' tokens and encodes the prompt."),
+                io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a white background",
+                                tooltip="The prompt; use the positive output as the sampler's positive."),
+                io.String.Input("subjects", default="circle, square",
+                                tooltip="Comma-separated words of the prompt that must each appear (the paper's subject tokens)."),
+                *_UPDATE_INPUTS("Step size of the latent update (the paper: 20, times sqrt of 1 -> 0.5 over the steps)."),
+                io.String.Input("binding", default="",
+                                tooltip="Optional attribute binding: comma-separated 'attribute object' pairs, e.g. "
+                                        "'red circle, blue square' (each object one of the subjects)."),
+                io.Float.Input("binding_weight", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the attribute-binding loss (used when binding is set)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the latent update; sample with the positive below."),
+                     io.Conditioning.Output(display_name="positive", tooltip="The prompt encoded (the sampler's positive).")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, subjects, scale, end_percent, iterative_refinement, max_refine, binding,
+                binding_weight) -> io.NodeOutput:
+        node = "EditKitAttendAndExcite"
+        words = split_words(subjects)
+        require(bool(words), node, "subjects", "no subject words given", "list the prompt's subject words, e.g. 'circle, square'")
+        pairs = _pairs(node, binding, words)
+        m, pos, text = _latent_update(node, model, clip, prompt, words, scale, end_percent, iterative_refinement, max_refine,
+                                      pairs=pairs, binding_weight=binding_weight if pairs else 0.0)
+        if pairs:
+            text += f"; binding {', '.join(f'{a}->{o}' for a, o in pairs)} (weight {binding_weight:g})"
+        return io.NodeOutput(m, pos, ui=feedback.show(cls, text=text))
+
+
+class BoxGuidance(EditKitNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitBoxGuidance",
+            display_name="Box Guidance (BoxDiff)",
+            category=CATEGORY,
+            description="BoxDiff (Xie et al. 2023), training-free box-constrained generation: during the early steps the "
+                        "latent is moved so that each boxed word's cross-attention map peaks inside its box (inner-box), "
+                        "stays low outside (outer-box) and reaches the box edges (corner constraint). Boxes are EditKit "
+                        "Regions whose label is the word. A model wrapper: works with every sampler. UNet models.",
+            inputs=[
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL)."),
+                io.Clip.Input("clip", tooltip="The text encoder: finds the boxed words' tokens and encodes the prompt."),
+                io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a white background",
+                                tooltip="The prompt; use the positive output as the sampler's positive."),
+                Regions.Input("regions", tooltip="One EditKit Region per boxed word, its label = the word (e.g. 'circle'); "
+                                                 "a box or a mask. The regions' own prompts are not used here."),
+                *_UPDATE_INPUTS("Step size of the latent update (BoxDiff uses Attend-and-Excite's 20)."),
+                io.Float.Input("top_fraction", default=0.2, min=0.01, max=1.0, step=0.01,
+                               tooltip="P of the inner/outer constraints: the mean of the top P x area attention values."),
+                io.Float.Input("corner_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the corner constraint."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the box-guided latent update."),
+                     io.Conditioning.Output(display_name="positive", tooltip="The prompt encoded (the sampler's positive).")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, regions, scale, end_percent, iterative_refinement, max_refine, top_fraction,
+                corner_weight) -> io.NodeOutput:
+        node = "EditKitBoxGuidance"
+        require(bool(regions), node, "regions", "no regions given", "connect EditKit Regions labelled with the prompt's words")
+        words = [(r.label or "").strip() for r in regions]
+        boxes = attend_excite.box_regions(node, regions, words)
+        m, pos, text = _latent_update(node, model, clip, prompt, words, scale, end_percent, iterative_refinement, max_refine,
+                                      words_input="regions", boxes=boxes, box_top=top_fraction, corner=corner_weight)
+        return io.NodeOutput(m, pos, ui=feedback.show(cls, text=text + "; boxes: " + "; ".join(r.describe() for r in regions)))
+
+
+NODES = [Region, RegionalAttention, MultiDiffusion, ShowRegions, AttendAndExcite, BoxGuidance]

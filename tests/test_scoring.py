@@ -234,3 +234,14 @@ def test_prompt_score_on_a_cluttered_picture():
     s = scoring.score_prompt(sc.render(), world.caption_for("white", [("green", "square"), ("purple", "square")]),
                              regions=[objs[2].box, objs[5].box])
     assert [f.color for f in s.found] == ["green", "purple"] and all(s.in_region) and not s.count_ok and not s.ok
+
+
+def test_seam_difference_on_rendered_ground_truth():
+    img = world.sample_scene(3, n_objects=1).render()
+    pano = np.concatenate([img, img, img], axis=1)                       # tiled: the border columns of a plain background
+    at, inside = scoring.seam_difference(pano, [128, 256])
+    assert at <= 3 * inside + 1e-3                                        # no seam beyond the picture's own edges
+    stepped = pano.copy()
+    stepped[:, 128:] = np.clip(stepped[:, 128:] + 0.2, 0, 1)              # a brightness step at x = 128
+    at2, inside2 = scoring.seam_difference(stepped, [128, 256])
+    assert at2 > 0.09 and abs(inside2 - inside) < 1e-2

@@ -528,3 +528,18 @@ def score_prompt(image, prompt: str | CaptionSpec | Scene, regions=None, vocab: 
     in_region = [None if r is None else (f is not None and _in_region(f, r)) for f, r in zip(best, regions)]
     return PromptScore(spec, best, color_ok, shape_ok, in_region, reading.background == spec.background,
                        len(det) == len(objs), reading)
+
+
+def seam_difference(image, borders, band: int = 1) -> tuple[float, float]:
+    """Panorama seams: (mean |column x - column x-1| over the given border columns x (each +- `band` - 1
+    neighbours), the same mean over every other column pair). A seamless picture gives about equal values;
+    a visible seam a border value well above the inside one. image (H, W, 3) in [0, 1], numpy or torch."""
+    img = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    d = np.abs(np.diff(img.astype(np.float64), axis=1)).mean(axis=(0, 2))     # d[x - 1] = |col x - col x-1|
+    at = set()
+    for b in borders:
+        for x in range(b - band + 1, b + band):
+            if 1 <= x < img.shape[1]:
+                at.add(x - 1)
+    inside = [i for i in range(len(d)) if i not in at]
+    return float(np.mean([d[i] for i in sorted(at)])) if at else 0.0, float(np.mean(d[inside])) if inside else 0.0
