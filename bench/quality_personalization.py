@@ -44,6 +44,10 @@ CONCEPT_COLOR, CONCEPT_SHAPE = "orange", "star"
 TRAIN_BACKGROUNDS = ("white", "blue", "black")
 EVAL_BACKGROUNDS = ("green", "purple", "yellow", "red")
 PLACEHOLDER, IDENTIFIER, INIT_WORD = "<star>", "sks", "circle"
+# The token takes the shape word's place in the toy world's caption grammar ("a <colour> <shape> on a <bg>
+# background"): "a <token> on a <bg> background" alone leaves the toy model without its colour slot and it
+# misreads the background too (measured: 0/16 for every method).
+PHRASE_A = "an orange {token}"
 
 
 def star_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -138,7 +142,7 @@ def run(a) -> dict:
     base_rate = scoring.rate(r["ok"] for r in base_prior)
 
     def caption(token, bg):
-        return f"a {token} on a {bg} background"
+        return f"{PHRASE_A.format(token=token)} on a {bg} background"
 
     # --- textual inversion
     caps = [caption(PLACEHOLDER, s.background) for s in scenes]
@@ -215,6 +219,7 @@ def run(a) -> dict:
 
 SECOND_COLOR, SECOND_SHAPE, SECOND_ID = "teal", "square", "zwx"
 VOCAB2 = VOCAB.with_color(SECOND_COLOR, (0, 150, 150))
+PHRASE_B = f"a {SECOND_ID} {SECOND_SHAPE}"     # the token takes the colour word's place
 
 
 def second_scenes(n: int = 6, seed: int = 1) -> list:
@@ -245,15 +250,16 @@ def run_fusion(a) -> dict:
     from editkit.lora import formats, fusion, merge
     comfy.utils.set_progress_bar_enabled(False)
     model, clip, vae = toy.load_toy()
-    sets = [(training_scenes(a.images), IDENTIFIER), (second_scenes(a.images), SECOND_ID)]
+    sets = [(training_scenes(a.images), PHRASE_A.format(token=IDENTIFIER)),
+            (second_scenes(a.images), PHRASE_B)]
     loras, t_train = [], []
-    for scenes, ident in sets:
+    for scenes, phrase in sets:
         with torch.inference_mode():
             imgs = torch.from_numpy(np.stack([s.render() for s in scenes])).float()
             x0 = model.model.process_latent_in(vae.encode(imgs))
             t0 = time.perf_counter()
-            loras.append((_train_db(model, x0, [f"a {ident} on a {s.background} background" for s in scenes], clip, a),
-                          [f"a {ident} on a {s.background} background" for s in scenes]))
+            caps = [f"{phrase} on a {s.background} background" for s in scenes]
+            loras.append((_train_db(model, x0, caps, clip, a), caps))
             t_train.append(time.perf_counter() - t0)
     resolver = formats.KeyResolver(model)
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
@@ -262,7 +268,7 @@ def run_fusion(a) -> dict:
     with torch.inference_mode():
         concepts = [fusion.Concept(ident, sd, formats.parse(sd, resolver, ident),
                                    [(clip.encode_from_tokens_scheduled(clip.tokenize(c)), neg) for c in caps])
-                    for (sd, caps), (_, ident) in zip(loras, sets)]
+                    for (sd, caps), ident in zip(loras, (IDENTIFIER, SECOND_ID))]
         t0 = time.perf_counter()
         rep = fusion.fuse_to_file(model, concepts, resolver,
                                   fusion.Capture(torch.zeros(1, 4, world.IMAGE_SIZE // 8, world.IMAGE_SIZE // 8),
@@ -283,7 +289,7 @@ def run_fusion(a) -> dict:
             recs = []
             for bg in EVAL_BACKGROUNDS:
                 seeds = [3000 + i for i in range(a.n_eval)]
-                cond = clip.encode_from_tokens_scheduled(clip.tokenize(f"a {IDENTIFIER} and a {SECOND_ID} on a {bg} background"))
+                cond = clip.encode_from_tokens_scheduled(clip.tokenize(f"{sets[0][1]} and {PHRASE_B} on a {bg} background"))
                 for seed, img in zip(seeds, _sample(m, clip, vae, [cond] * len(seeds), seeds, a.sample_steps, a.cfg)):
                     spec = world.CaptionSpec(bg, ((CONCEPT_COLOR, CONCEPT_SHAPE), (SECOND_COLOR, SECOND_SHAPE)))
                     sc = scoring.score_prompt(img, spec, vocab=VOCAB2)
@@ -298,7 +304,7 @@ def run_fusion(a) -> dict:
 def fusion_table(f: dict) -> str:
     lines = ["", f"Two concepts (orange star `{IDENTIFIER}`, teal square `{SECOND_ID}`), each a DreamBooth-LoRA of "
              f"{f['steps_lora']} steps (trained in {f['train_seconds'][0]} s / {f['train_seconds'][1]} s), merged; "
-             f"\"a {IDENTIFIER} and a {SECOND_ID} on a <bg> background\" over {f['eval']} samples on held-out backgrounds; "
+             f"\"{PHRASE_A.format(token=IDENTIFIER)} and {PHRASE_B} on a <bg> background\" over {f['eval']} samples on held-out backgrounds; "
              "output error = each concept's relative layer-output error on its own recorded activations", "",
              "| merge | both concepts correct | notes |", "|---|---|---|"]
     for r in f["rows"]:
@@ -307,7 +313,8 @@ def fusion_table(f: dict) -> str:
 
 
 def table(data: dict) -> str:
-    lines = [f"Personalization on the toy world: a new shape (orange star), {data['images']} training images on "
+    lines = [f"Personalization on the toy world: a new shape (orange star), captions \"{PHRASE_A} on a <bg> "
+             f"background\", {data['images']} training images on "
              f"{', '.join(TRAIN_BACKGROUNDS)} backgrounds; concept accuracy over {data['eval']} samples on held-out "
              f"backgrounds ({', '.join(EVAL_BACKGROUNDS)}); prior = held-out single-object accuracy "
              f"(n = {data['prior_n']}); {data['sample_steps']} steps, CFG {data['cfg']:g}; {data.get('host', '')}", "",
