@@ -313,7 +313,7 @@ def fusion_table(f: dict) -> str:
 
 
 def table(data: dict) -> str:
-    lines = [f"Personalization on the toy world: a new shape (orange star), captions \"{PHRASE_A} on a <bg> "
+    lines = [f"Personalization on the toy world: a new shape (orange star), captions \"{PHRASE_A.format(token='<token>')} on a <bg> "
              f"background\", {data['images']} training images on "
              f"{', '.join(TRAIN_BACKGROUNDS)} backgrounds; concept accuracy over {data['eval']} samples on held-out "
              f"backgrounds ({', '.join(EVAL_BACKGROUNDS)}); prior = held-out single-object accuracy "
