@@ -15,6 +15,15 @@ from ek_helpers import node_out
 STEPS = 3
 
 
+@pytest.fixture(autouse=True)
+def _unpatched_afterwards():
+    """Sampling a LoRA clone leaves its weights patched into the shared (session) model until another clone
+    loads, as in ComfyUI; later test files snapshot the raw weights, so leave them as they were."""
+    yield
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+
+
 def _lora(model, seed, scale=0.3, rank=2):
     """A random LoRA in ComfyUI's plain key layout on every attention projection of the model."""
     g = torch.Generator().manual_seed(seed)
