@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py                     # every technique, reference + shipped settings
     .venv/bin/python bench/quality.py --only sdedit       # a subset (case-insensitive substring, repeatable)
+    .venv/bin/python bench/quality.py --only personalization   # the personalization table (quality_personalization.py)
     .venv/bin/python bench/quality.py --only sdedit --which shipped --per-split 8   # quick look
     .venv/bin/python bench/quality.py --readme            # rewrite the README table from bench/results/quality/
     .venv/bin/python bench/quality.py --list              # techniques and the workflows they read
@@ -416,6 +417,12 @@ def main(argv=None):
         import quality_layout
         return quality_layout.main((["--results", a.results] if a.results else []) + (["--no-save"] if a.no_save else [])
                                    + (["--write-readme"] if a.write_readme else []) + (["--readme"] if a.readme else []))
+    if a.only and [o.lower() for o in a.only] == ["personalization"]:   # bench/quality_personalization.py
+        import quality_personalization
+        return quality_personalization.main((["--results", a.results] if a.results else [])
+                                            + (["--no-save"] if a.no_save else [])
+                                            + (["--write-readme"] if a.write_readme else [])
+                                            + (["--readme"] if a.readme else []))
     RESULTS = os.path.abspath(a.results) if a.results else RESULTS
     import comfy.utils
     comfy.utils.set_progress_bar_enabled(False)    # this script prints tables, not per-sample bars

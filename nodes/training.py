@@ -354,4 +354,124 @@ class CustomDiffusionTrain(EditKitNode):
         return io.NodeOutput(out_model, lora_name, token, text, ui=feedback.show(cls, text=text))
 
 
-NODES = [DreamBoothLoRATrain, TextualInversionTrain, CustomDiffusionTrain]
+FUSION_NODE = "EditKitConceptFusion"
+N_CONCEPTS = 4
+
+
+def _prompt_lines(text) -> list[str]:
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+class ConceptFusion(EditKitNode):
+    EDITKIT_SHOWS = ("text",)
+
+    @classmethod
+    def define_schema(cls):
+        from .lora import _lora_names
+        names = _lora_names()
+        inputs = [
+            io.Model.Input("model", tooltip="The checkpoint's model the concept LoRAs were trained on (not changed)."),
+            io.Clip.Input("clip", tooltip="The checkpoint's text encoder (encodes each concept's prompts)."),
+            io.Latent.Input("latent", tooltip="An Empty Latent Image at the size you generate at: the concepts' "
+                                              "prompts are sampled at this size to record the activations."),
+        ]
+        for i in range(1, N_CONCEPTS + 1):
+            inputs.append(io.Combo.Input(f"lora_{i}", options=names, default="None",
+                                         tooltip=f"Concept LoRA {i} from the loras folder (None = unused; at least two)."))
+            inputs.append(io.String.Input(f"prompts_{i}", default="", multiline=True,
+                                          tooltip=f"Prompts of concept {i}, one per line, with its token as it was "
+                                                  f"trained (e.g. 'a photo of sks dog'); its LoRA samples them to "
+                                                  f"record the activations the fused weights must reproduce."))
+        inputs += [
+            io.Int.Input("rank", default=0, min=0, max=1024,
+                         tooltip="Rank of the fused LoRA (truncated SVD of each fused delta). 0: the exact fused "
+                                 "delta in ComfyUI's full .diff form (larger file, no approximation)."),
+            io.Float.Input("ridge", default=1e-8, min=0.0, max=1.0, step=1e-9,
+                           tooltip="Ridge term, relative to the mean activation energy: directions no concept's "
+                                   "activations excite stay at the base weight. Keep it tiny (attention outputs "
+                                   "have many weak directions the concepts rely on)."),
+            io.Int.Input("steps", default=20, min=1, max=200,
+                         tooltip="Sampling steps of each prompt while the activations are recorded."),
+            io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
+                           tooltip="CFG of the recording samples (cond and uncond passes are both recorded)."),
+            io.Int.Input("samples", default=1, min=1, max=64, tooltip="Samples (seeds) per prompt."),
+            io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of the recording samples."),
+            io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16",
+                           tooltip="Precision of the fused LoRA's tensors."),
+            io.String.Input("name", default="editkit_fused",
+                            tooltip="File name of the fused LoRA inside models/loras/ (no folders)."),
+        ]
+        return io.Schema(
+            node_id=FUSION_NODE,
+            display_name="Concept Fusion (Mix-of-Show)",
+            category="EditKit/training",
+            description="Mix-of-Show gradient fusion (Gu et al., NeurIPS 2023): merge 2-4 concept LoRAs into one "
+                        "whose every linear layer reproduces each concept LoRA's outputs on that concept's own "
+                        "activations (recorded while its LoRA samples its prompts, on a clone), solved per layer in "
+                        "closed form (ridge least squares). Other weights are summed (concat); text-encoder keys are "
+                        "left out. Writes models/loras/<name>.safetensors (core Load LoRA applies it), returns the "
+                        "model with it loaded and reports each concept's output error for the fusion next to "
+                        "EditKit's concat and TIES merges of the same LoRAs.",
+            inputs=inputs,
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the fused LoRA loaded (as Load LoRA would)."),
+                io.String.Output(display_name="lora_name", tooltip="The fused LoRA's file name as Load LoRA lists it."),
+                io.String.Output(display_name="report",
+                                 tooltip="Relative output error per concept for fusion, concat and TIES; file written."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, rank, ridge, steps, cfg, samples, seed, dtype, name, **per) -> io.NodeOutput:
+        import comfy.utils
+        import folder_paths
+
+        from ..core import files
+        from ..lora import formats, fusion
+        from .lora import _torch_dtype
+        node = FUSION_NODE
+        chosen = [(i, per.get(f"lora_{i}", "None"), per.get(f"prompts_{i}", "")) for i in range(1, N_CONCEPTS + 1)]
+        chosen = [(i, f, p) for i, f, p in chosen if f and f != "None"]
+        require(len(chosen) >= 2, node, "lora_2" if len(chosen) == 1 else "lora_1",
+                f"{len(chosen)} LoRA selected; fusion needs at least two", "pick two or more concept LoRAs")
+        require(ridge >= 0, node, "ridge", f"{ridge} is negative", "use e.g. 1e-8")
+        samples_t = latent.get("samples") if isinstance(latent, dict) else None
+        require(samples_t is not None and samples_t.ndim >= 4 and samples_t.shape[0] > 0, node, "latent",
+                "not an image latent", "connect an Empty Latent Image")
+        path, lora_name = _output(node, "loras", name)
+        resolver = formats.KeyResolver(model)
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        concepts = []
+        for i, fname, text in chosen:
+            lines = _prompt_lines(text)
+            require(bool(lines), node, f"prompts_{i}", f"no prompt for {fname}",
+                    "write the concept's prompts, one per line, e.g. 'a photo of sks dog'")
+            full = folder_paths.get_full_path("loras", fname)
+            require(full is not None, node, f"lora_{i}", f"{fname!r} is not in the loras folder",
+                    "pick a file from the list (refresh after adding files)")
+            sd = files.load_weights(full, node, f"lora_{i}")
+            try:
+                parsed = formats.parse(sd, resolver, fname, skip_text_encoder=True)
+            except formats.LoraFormatError as e:
+                raise EditKitInputError(node, f"lora_{i}", str(e), "use LoRAs trained on this model") from None
+            require(len(parsed.modules) > 0, node, f"lora_{i}", f"{fname!r} patches none of the model's weights",
+                    "use a LoRA with model (UNet/DiT) weights")
+            prompts = [(clip.encode_from_tokens_scheduled(clip.tokenize(t)), neg) for t in lines]
+            concepts.append(fusion.Concept(fname, sd, parsed, prompts))
+        capture = fusion.Capture(samples_t[:1].float(), steps=int(steps), cfg=float(cfg), seed=int(seed),
+                                 samples=int(samples))
+        bar = comfy.utils.ProgressBar(len(concepts) + 1)
+        try:
+            report = fusion.fuse_to_file(model, concepts, resolver, capture, path, rank=int(rank), ridge=float(ridge),
+                                         dtype=_torch_dtype(dtype), progress=lambda a, b: bar.update_absolute(a, b))
+        except ValueError as e:
+            raise EditKitInputError(node, "lora_1", str(e), "use LoRAs trained on this model") from None
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+        from ..training import lora as TL
+        out_model, _ = TL.apply_saved(model, None, sd, 1.0, 0.0)
+        text = report.summary() + f"\nsaved models/loras/{lora_name}"
+        return io.NodeOutput(out_model, lora_name, text, ui=feedback.show(cls, text=text))
+
+
+NODES = [DreamBoothLoRATrain, TextualInversionTrain, CustomDiffusionTrain, ConceptFusion]

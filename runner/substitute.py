@@ -57,6 +57,8 @@ FILE_INPUTS = {
     ("EditKitLoraBlockWeight", "lora_name"): LORA_FILES[0],
     ("EditKitLoraMerge", "lora_1"): LORA_FILES[0],
     ("EditKitLoraMerge", "lora_2"): LORA_FILES[1],
+    ("EditKitConceptFusion", "lora_1"): LORA_FILES[0],
+    ("EditKitConceptFusion", "lora_2"): LORA_FILES[1],
 }
 SIZE_INPUTS = ("width", "height")       # multiples of 8 (latent pixels)
 STEP_COUNTS = ("skip", "start_step", "end_step")   # step indices that follow `steps` under max_steps

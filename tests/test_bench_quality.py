@@ -172,3 +172,31 @@ def test_drag_rows_run_on_the_same_machinery():
         assert s["rates"]["drag success"]["k"] == k and s["rates"]["drag success"]["n"] == 8
         assert set(s["rates"]) == {"drag success"} | {c.split for c in cases}
         assert (float(s["cells"]["centroid error (px)"]) < 0.5) == move      # triangles read within 0.3 px
+
+
+def test_personalization_concepts_are_new_and_read_back(tmp_path):
+    """The personalization table's concepts: the star and teal are not in the base vocabulary, their rendered
+    training images (and a two-concept ground truth) score as right with the extended vocabulary and as
+    wrong with the base one; the README block is rewritten between its markers only."""
+    from editkit.toyworld import world
+    spec = importlib.util.spec_from_file_location("editkit_bench_pers",
+                                                  os.path.join(ROOT, "bench", "quality_personalization.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "star" not in world.BASE.shape_names and "teal" not in world.BASE.color_names
+    for scenes, vocab in ((mod.training_scenes(6), mod.VOCAB), (mod.second_scenes(3), mod.VOCAB2)):
+        for s in scenes:
+            assert s.background in mod.TRAIN_BACKGROUNDS and s.background not in mod.EVAL_BACKGROUNDS
+            assert scoring.score_prompt(s.render(), s, vocab=vocab).ok
+            assert not scoring.score_prompt(s.render(), s.spec, vocab=world.BASE).ok
+    pair = world.Scene("green", (world.ToyObject("star", "orange", 5, 30, 50),
+                                 world.ToyObject("square", "teal", 70, 30, 45)), 0, 128, mod.VOCAB2)
+    assert scoring.score_prompt(pair.render(), pair, vocab=mod.VOCAB2).ok
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{mod.MARK_BEGIN}\nold\n{mod.MARK_END}\nafter\n")
+    data = {"rows": [{"method": "m", "settings": "s", "concept": "1 %", "prior": "p", "train_seconds": 1.0,
+                      "peak_rss_mb": 2.0, "loss": [0.1, 0.05]}], "images": 6, "eval": 16, "prior_n": 12,
+            "sample_steps": 20, "cfg": 5.0}
+    mod.write_readme(data, str(readme))
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and "| m | s | 1 % |" in text

@@ -129,6 +129,39 @@ def custom_diffusion(family="sd15"):
     return b.build()
 
 
-WORKFLOWS = {"custom_diffusion": ("Training - Custom Diffusion", custom_diffusion),
+def concept_fusion(family="sd15"):
+    b = builder()
+    note(b, family, "Concept fusion (Mix-of-Show): two concept LoRAs -> one LoRA that keeps both",
+         ["**Concept Fusion**: pick the concept LoRAs (trained on this checkpoint, e.g. with DreamBooth LoRA "
+          "Train) and write each one's prompts with its token, one per line. Each LoRA samples its own prompts "
+          "(on a clone) to record its layers' activations; every linear layer of the fused LoRA is the least-"
+          "squares weight that reproduces each LoRA's outputs on its own activations. The report compares it "
+          "with concat and TIES merges of the same LoRAs.",
+          "**Prompt**: both tokens in one prompt: `a photo of sks dog and zwx cat`."],
+         "Closed-form per-layer fusion (Gu et al., NeurIPS 2023), activations from 20-step samples at CFG 7.5, "
+         "full-rank fused deltas (rank 0).")
+    ld = checkpoint(b, family)
+    lat = empty_latent(b, family, title="Empty Latent (recording size)")
+    fu = b.add("EditKitConceptFusion", title="Concept Fusion", toy={"inputs": {"steps": 4}},
+               lora_1="concept_a_lora.safetensors", prompts_1="a photo of sks dog\na photo of sks dog on the beach",
+               lora_2="concept_b_lora.safetensors", prompts_2="a photo of zwx cat\na photo of zwx cat on a sofa",
+               lora_3="None", prompts_3="", lora_4="None", prompts_4="", rank=0, ridge=1e-8, steps=20, cfg=7.5,
+               samples=1, seed=0, dtype="fp16", name="editkit_fused")
+    b.connect(ld.out("model"), fu, "model")
+    b.connect(ld.out("clip"), fu, "clip")
+    b.connect(lat.out(0), fu, "latent")
+    pos = text(b, ld.out("clip"), "a photo of sks dog and zwx cat", "Prompt with both concepts")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+    b.connect(fu.out(0), ks, "model")
+    b.connect(pos.out(0), ks, "positive")
+    b.connect(neg.out(0), ks, "negative")
+    b.connect(empty_latent(b, family).out(0), ks, "latent_image")
+    decode_and_save(b, ks.out(0), ld.out("vae"), "editkit_concept_fusion")
+    return b.build()
+
+
+WORKFLOWS = {"concept_fusion": ("Training - Concept fusion", concept_fusion),
+             "custom_diffusion": ("Training - Custom Diffusion", custom_diffusion),
              "dreambooth_lora": ("Training - DreamBooth-LoRA", dreambooth_lora),
              "textual_inversion": ("Training - Textual inversion", textual_inversion)}

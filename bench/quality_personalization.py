@@ -1,0 +1,405 @@
+"""Personalization table on the toy world: `bench/quality.py --only personalization`, or
+
+    .venv/bin/python bench/quality_personalization.py [--steps-ti 300] [--steps-lora 300] [--n-eval 4] [--write-readme]
+
+The concept is a shape the toy model never saw: an orange five-pointed star (`world.BASE.with_shape("star",
+...)`; the toy model's training data has circles, squares and triangles only). Six rendered images of it
+(random size and place) on three training backgrounds teach it, captioned "a <token> on a <bg> background",
+to textual inversion, DreamBooth-LoRA and Custom Diffusion (the training core, on the trained toy model).
+Concept accuracy: `scoring.score_prompt` with the extended vocabulary of "an orange star on a <bg>
+background" for samples of "a <token> on a <bg> background" over held-out backgrounds (never in the
+training images), n = backgrounds x seeds. Prior preservation: the base model's held-out single-object
+accuracy (world.held_out_triples) without and with the trained LoRA loaded. Training time is wall time on
+this host; peak memory is the process's peak RSS increase while training (CPU).
+
+Results: bench/results/quality/personalization.json and cases/personalization-*.csv; --write-readme rewrites
+the README between <!-- bench-quality-personalization:begin --> and <!-- ...:end -->.
+"""
+import argparse
+import csv
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from common import boot  # noqa: E402
+
+boot()
+
+from editkit.builtin_models import toy  # noqa: E402
+from editkit.toyworld import evaluate, scoring, world  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results", "quality")
+README = os.path.join(ROOT, "README.md")
+MARK_BEGIN, MARK_END = "<!-- bench-quality-personalization:begin -->", "<!-- bench-quality-personalization:end -->"
+CONCEPT_COLOR, CONCEPT_SHAPE = "orange", "star"
+TRAIN_BACKGROUNDS = ("white", "blue", "black")
+EVAL_BACKGROUNDS = ("green", "purple", "yellow", "red")
+PLACEHOLDER, IDENTIFIER, INIT_WORD = "<star>", "sks", "circle"
+# The token takes the shape word's place in the toy world's caption grammar ("a <colour> <shape> on a <bg>
+# background"): "a <token> on a <bg> background" alone leaves the toy model without its colour slot and it
+# misreads the background too (measured: 0/16 for every method).
+PHRASE_A = "an orange {token}"
+
+
+def star_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A five-pointed star inscribed in the unit box (point up): crossing-number test on its 10 vertices."""
+    k = np.arange(10)
+    r = np.where(k % 2 == 0, 0.5, 0.2)
+    ang = -np.pi / 2 + k * np.pi / 5
+    px, py = 0.5 + r * np.cos(ang), 0.55 + r * np.sin(ang)
+    inside = np.zeros(np.broadcast(u, v).shape, dtype=bool)
+    for i in range(10):
+        x1, y1, x2, y2 = px[i], py[i], px[(i + 1) % 10], py[(i + 1) % 10]
+        cond = (y1 > v) != (y2 > v)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xint = x1 + (v - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= cond & (u < xint)
+    return inside
+
+
+VOCAB = world.BASE.with_shape(CONCEPT_SHAPE, star_inside)
+
+
+def training_scenes(n: int = 6, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        s = int(round(rng.uniform(0.45, 0.65) * world.IMAGE_SIZE))
+        x = int(rng.integers(world.MARGIN, world.IMAGE_SIZE - world.MARGIN - s + 1))
+        y = int(rng.integers(world.MARGIN, world.IMAGE_SIZE - world.MARGIN - s + 1))
+        obj = world.ToyObject(CONCEPT_SHAPE, CONCEPT_COLOR, x, y, s)
+        out.append(world.Scene(TRAIN_BACKGROUNDS[i % len(TRAIN_BACKGROUNDS)], (obj,), i, world.IMAGE_SIZE, VOCAB))
+    return out
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sample(model, clip, vae, conds, seeds, steps, cfg):
+    import comfy.sample
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    imgs = []
+    for cond, seed in zip(conds, seeds):
+        lat = torch.zeros(1, 4, world.IMAGE_SIZE // 8, world.IMAGE_SIZE // 8)
+        noise = comfy.sample.prepare_noise(lat, seed)
+        out = comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", cond, neg, lat, denoise=1.0, seed=seed,
+                                  disable_pbar=True)
+        imgs.append(vae.decode(out)[0].float().cpu().numpy())
+    return imgs
+
+
+def concept_accuracy(model, clip, vae, encode_prompt, n_seeds, steps, cfg, name):
+    records = []
+    for bg in EVAL_BACKGROUNDS:
+        seeds = [1000 + i for i in range(n_seeds)]
+        cond = encode_prompt(bg)
+        for seed, img in zip(seeds, _sample(model, clip, vae, [cond] * n_seeds, seeds, steps, cfg)):
+            spec = world.CaptionSpec(bg, ((CONCEPT_COLOR, CONCEPT_SHAPE),))
+            sc = scoring.score_prompt(img, spec, vocab=VOCAB)
+            records.append({"method": name, "background": bg, "seed": seed, **sc.record(), "ok": sc.ok, "why": sc.why})
+    return records
+
+
+def prior_accuracy(model, clip, vae, n, steps, cfg, name):
+    triples = world.held_out_triples()[:n]
+    prompts = [world.caption_for(bg, [(c, s)]) for c, s, bg in triples]
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in prompts]
+    seeds = [2000 + i for i in range(len(prompts))]
+    records = []
+    for p, seed, img in zip(prompts, seeds, _sample(model, clip, vae, conds, seeds, steps, cfg)):
+        sc = scoring.score_prompt(img, p)
+        records.append({"method": name, "prompt": p, "seed": seed, **sc.record(), "ok": sc.ok, "why": sc.why})
+    return records
+
+
+def run(a) -> dict:
+    import comfy.utils
+    from editkit.training import custom_diffusion as CD
+    from editkit.training import dreambooth, loop
+    from editkit.training import lora as TL
+    from editkit.training import textual_inversion as TI
+    comfy.utils.set_progress_bar_enabled(False)
+    model, clip, vae = toy.load_toy()
+    scenes = training_scenes(a.images)
+    with torch.inference_mode():
+        imgs = torch.from_numpy(np.stack([s.render() for s in scenes])).float()
+        x0 = model.model.process_latent_in(vae.encode(imgs))
+    rows, cases = [], []
+    prior_n, steps, cfg = a.n_prior, a.sample_steps, a.cfg
+    with torch.inference_mode():
+        base_prior = prior_accuracy(model, clip, vae, prior_n, steps, cfg, "base")
+    cases += base_prior
+    base_rate = scoring.rate(r["ok"] for r in base_prior)
+
+    def caption(token, bg):
+        return f"{PHRASE_A.format(token=token)} on a {bg} background"
+
+    # --- textual inversion
+    caps = [caption(PLACEHOLDER, s.background) for s in scenes]
+    rss0, t0 = _rss_mb(), time.perf_counter()
+    with torch.inference_mode():
+        vectors, res = TI.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
+                                loop.Settings(steps=a.steps_ti, learning_rate=5e-3, weight_decay=0.0, seed=0))
+    t_ti, m_ti = time.perf_counter() - t0, _rss_mb() - rss0
+
+    def ti_prompt(bg, vectors=vectors):
+        cap = TI.prepare_caption(clip, caption(PLACEHOLDER, bg), PLACEHOLDER, INIT_WORD, 1)
+        return clip.encode_from_tokens_scheduled(TI.tokens_with(cap, vectors))
+
+    with torch.inference_mode():
+        recs = concept_accuracy(model, clip, vae, ti_prompt, a.n_eval, steps, cfg, "textual inversion")
+    cases += recs
+    rows.append({"method": "textual inversion", "settings": f"{a.steps_ti} steps, lr 5e-3, 1 vector from '{INIT_WORD}'",
+                 "concept": str(scoring.rate(r["ok"] for r in recs)), "prior": f"{base_rate} (model unchanged)",
+                 "train_seconds": round(t_ti, 1), "peak_rss_mb": round(m_ti, 1),
+                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
+    print(json.dumps(rows[-1]), flush=True)
+
+    # --- DreamBooth-LoRA (no prior preservation: its effect is measured by the prior column)
+    inst = [caption(IDENTIFIER, s.background) for s in scenes]
+    conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
+    rss0, t0 = _rss_mb(), time.perf_counter()
+    with torch.inference_mode():
+        lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=a.rank, seed=0)
+        ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
+        res = loop.train(model, conds, ex, lo.parameters(),
+                         loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
+                         stop=lambda: False)
+    t_db, m_db = time.perf_counter() - t0, _rss_mb() - rss0
+    db_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
+    with torch.inference_mode():
+        recs = concept_accuracy(db_model, clip, vae,
+                                lambda bg: clip.encode_from_tokens_scheduled(clip.tokenize(caption(IDENTIFIER, bg))),
+                                a.n_eval, steps, cfg, "DreamBooth-LoRA")
+        prior = prior_accuracy(db_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA prior")
+    cases += recs + prior
+    rows.append({"method": "DreamBooth-LoRA", "settings": f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank}, "
+                 f"identifier '{IDENTIFIER}', no class images",
+                 "concept": str(scoring.rate(r["ok"] for r in recs)),
+                 "prior": f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}",
+                 "train_seconds": round(t_db, 1), "peak_rss_mb": round(m_db, 1),
+                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
+    print(json.dumps(rows[-1]), flush=True)
+
+    # --- Custom Diffusion (cross-attention K/V + the token)
+    rss0, t0 = _rss_mb(), time.perf_counter()
+    with torch.inference_mode():
+        concept, diffs, res = CD.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
+                                       loop.Settings(steps=a.steps_cd, learning_rate=a.lr_cd, seed=0), stop=lambda: False)
+    t_cd, m_cd = time.perf_counter() - t0, _rss_mb() - rss0
+    cd_model, _ = TL.apply_saved(model, None, diffs.state_dict(), 1.0, 0.0)
+    cd_vec = {k: v.detach() for k, v in concept.vectors.items()}
+    with torch.inference_mode():
+        recs = concept_accuracy(cd_model, clip, vae, lambda bg: ti_prompt(bg, cd_vec), a.n_eval, steps, cfg,
+                                "Custom Diffusion")
+        prior = prior_accuracy(cd_model, clip, vae, prior_n, steps, cfg, "Custom Diffusion prior")
+    cases += recs + prior
+    rows.append({"method": "Custom Diffusion", "settings": f"{a.steps_cd} steps, lr {a.lr_cd:g}, K/V + token from "
+                 f"'{INIT_WORD}', no class images",
+                 "concept": str(scoring.rate(r["ok"] for r in recs)),
+                 "prior": f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}",
+                 "train_seconds": round(t_cd, 1), "peak_rss_mb": round(m_cd, 1),
+                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
+    print(json.dumps(rows[-1]), flush=True)
+    from common import host_line
+    data = {"rows": rows, "images": a.images, "eval": len(EVAL_BACKGROUNDS) * a.n_eval, "prior_n": prior_n,
+            "sample_steps": steps, "cfg": cfg, "host": host_line()}
+    return data, cases
+
+
+SECOND_COLOR, SECOND_SHAPE, SECOND_ID = "teal", "square", "zwx"
+VOCAB2 = VOCAB.with_color(SECOND_COLOR, (0, 150, 150))
+PHRASE_B = f"a {SECOND_ID} {SECOND_SHAPE}"     # the token takes the colour word's place
+
+
+def second_scenes(n: int = 6, seed: int = 1) -> list:
+    """The second concept: a colour the toy model never saw (teal) on a square."""
+    return [world.Scene(s.background, (world.ToyObject(SECOND_SHAPE, SECOND_COLOR, *s.objects[0].box[:2],
+                                                       s.objects[0].size),), s.seed, s.size, VOCAB2)
+            for s in training_scenes(n, seed)]
+
+
+def _train_db(model, x0, captions, clip, a):
+    from editkit.training import loop
+    from editkit.training import lora as TL
+    conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(captions)}
+    lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=a.rank, seed=0)
+    ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
+    loop.train(model, conds, ex, lo.parameters(), loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0),
+               install=lo.install, stop=lambda: False)
+    return lo.state_dict()
+
+
+def run_fusion(a) -> dict:
+    """Two concepts trained separately (DreamBooth-LoRA each), merged three ways, scored on one two-object
+    prompt per held-out background: both concepts must appear (scoring.score_prompt, extended vocabulary)."""
+    import tempfile
+
+    import comfy.sd
+    import comfy.utils
+    from editkit.lora import formats, fusion, merge
+    comfy.utils.set_progress_bar_enabled(False)
+    model, clip, vae = toy.load_toy()
+    sets = [(training_scenes(a.images), PHRASE_A.format(token=IDENTIFIER)),
+            (second_scenes(a.images), PHRASE_B)]
+    loras, t_train = [], []
+    for scenes, phrase in sets:
+        with torch.inference_mode():
+            imgs = torch.from_numpy(np.stack([s.render() for s in scenes])).float()
+            x0 = model.model.process_latent_in(vae.encode(imgs))
+            t0 = time.perf_counter()
+            caps = [f"{phrase} on a {s.background} background" for s in scenes]
+            loras.append((_train_db(model, x0, caps, clip, a), caps))
+            t_train.append(time.perf_counter() - t0)
+    resolver = formats.KeyResolver(model)
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    tmp = tempfile.mkdtemp()
+    merged, info = {}, {}
+    with torch.inference_mode():
+        concepts = [fusion.Concept(ident, sd, formats.parse(sd, resolver, ident),
+                                   [(clip.encode_from_tokens_scheduled(clip.tokenize(c)), neg) for c in caps])
+                    for (sd, caps), ident in zip(loras, (IDENTIFIER, SECOND_ID))]
+        t0 = time.perf_counter()
+        rep = fusion.fuse_to_file(model, concepts, resolver,
+                                  fusion.Capture(torch.zeros(1, 4, world.IMAGE_SIZE // 8, world.IMAGE_SIZE // 8),
+                                                 steps=a.sample_steps, cfg=a.cfg), os.path.join(tmp, "fused.safetensors"),
+                                  rank=0, dtype=torch.float32)
+        info["ConceptFusion (Mix-of-Show, full rank)"] = (f"{time.perf_counter() - t0:.1f} s; output error "
+                                                         + ", ".join(f"{100 * r:.1f} %" for r in rep.relative("fusion")))
+        merged["ConceptFusion (Mix-of-Show, full rank)"] = comfy.utils.load_torch_file(rep.path)
+        for method in ("concat", "ties"):
+            path = os.path.join(tmp, f"{method}.safetensors")
+            mrep = merge.merge_to_file([c.parsed for c in concepts], [1.0, 1.0], resolver,
+                                       merge.MergeParams(method=method, dtype=torch.float32), path)
+            merged[f"LoRA Merge {method}"] = comfy.utils.load_torch_file(path)
+            info[f"LoRA Merge {method}"] = "output error " + ", ".join(f"{100 * r:.1f} %" for r in rep.relative(method))
+        rows, cases = [], []
+        for name, sd in merged.items():
+            m, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+            recs = []
+            for bg in EVAL_BACKGROUNDS:
+                seeds = [3000 + i for i in range(a.n_eval)]
+                cond = clip.encode_from_tokens_scheduled(clip.tokenize(f"{sets[0][1]} and {PHRASE_B} on a {bg} background"))
+                for seed, img in zip(seeds, _sample(m, clip, vae, [cond] * len(seeds), seeds, a.sample_steps, a.cfg)):
+                    spec = world.CaptionSpec(bg, ((CONCEPT_COLOR, CONCEPT_SHAPE), (SECOND_COLOR, SECOND_SHAPE)))
+                    sc = scoring.score_prompt(img, spec, vocab=VOCAB2)
+                    recs.append({"method": name, "background": bg, "seed": seed, **sc.record(), "ok": sc.ok, "why": sc.why})
+            cases += recs
+            rows.append({"method": name, "both": str(scoring.rate(r["ok"] for r in recs)), "info": info[name]})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "train_seconds": [round(t, 1) for t in t_train], "eval": len(EVAL_BACKGROUNDS) * a.n_eval,
+            "steps_lora": a.steps_lora}, cases
+
+
+def fusion_table(f: dict) -> str:
+    lines = ["", f"Two concepts (orange star `{IDENTIFIER}`, teal square `{SECOND_ID}`), each a DreamBooth-LoRA of "
+             f"{f['steps_lora']} steps (trained in {f['train_seconds'][0]} s / {f['train_seconds'][1]} s), merged; "
+             f"\"{PHRASE_A.format(token=IDENTIFIER)} and {PHRASE_B} on a <bg> background\" over {f['eval']} samples on held-out backgrounds; "
+             "output error = each concept's relative layer-output error on its own recorded activations", "",
+             "| merge | both concepts correct | notes |", "|---|---|---|"]
+    for r in f["rows"]:
+        lines.append(f"| {r['method']} | {r['both']} | {r['info']} |")
+    return "\n".join(lines)
+
+
+def table(data: dict) -> str:
+    lines = [f"Personalization on the toy world: a new shape (orange star), captions \"{PHRASE_A.format(token='<token>')} on a <bg> "
+             f"background\", {data['images']} training images on "
+             f"{', '.join(TRAIN_BACKGROUNDS)} backgrounds; concept accuracy over {data['eval']} samples on held-out "
+             f"backgrounds ({', '.join(EVAL_BACKGROUNDS)}); prior = held-out single-object accuracy "
+             f"(n = {data['prior_n']}); {data['sample_steps']} steps, CFG {data['cfg']:g}; {data.get('host', '')}", "",
+             "| method | settings | concept accuracy | prior (with / base) | training time | peak RSS + (MB) | loss first 10 -> last 10 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['method']} | {r['settings']} | {r['concept']} | {r['prior']} | {r['train_seconds']} s | "
+                     f"{r['peak_rss_mb']} | {r['loss'][0]} -> {r['loss'][1]} |")
+    if data.get("fusion"):
+        lines.append(fusion_table(data["fusion"]))
+    return "\n".join(lines)
+
+
+def write_readme(data: dict, path: str = README) -> None:
+    text = open(path).read()
+    block = MARK_BEGIN + "\n" + table(data) + "\n" + MARK_END
+    if MARK_BEGIN in text:
+        a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    open(path, "w").write(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--steps-ti", type=int, default=300)
+    p.add_argument("--steps-lora", type=int, default=300)
+    p.add_argument("--steps-cd", type=int, default=300)
+    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--lr-cd", type=float, default=1e-4)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--n-eval", type=int, default=4, help="seeds per held-out background")
+    p.add_argument("--n-prior", type=int, default=12, help="held-out single-object prompts for the prior column")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--write-readme", action="store_true")
+    p.add_argument("--readme", action="store_true", help="only rewrite the README table from the saved results")
+    p.add_argument("--fusion-only", action="store_true",
+                   help="only the two-concept fusion rows (kept next to the saved single-concept rows)")
+    a = p.parse_args(argv)
+    path = os.path.join(a.results, "personalization.json")
+    if a.readme:
+        write_readme(json.load(open(path)))
+        return 0
+    if a.fusion_only:
+        f, cases = run_fusion(a)
+        data = json.load(open(path)) if os.path.exists(path) else {"rows": [], "images": a.images, "eval": 0,
+                                                                     "prior_n": 0, "sample_steps": a.sample_steps, "cfg": a.cfg}
+        data["fusion"] = f
+        print(fusion_table(f))
+        if not a.no_save:
+            os.makedirs(os.path.join(a.results, "cases"), exist_ok=True)
+            with open(path, "w") as fh:
+                json.dump(data, fh, indent=1)
+            keys = sorted({k for r in cases for k in r})
+            with open(os.path.join(a.results, "cases", "personalization-fusion.csv"), "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=keys)
+                w.writeheader()
+                w.writerows(cases)
+            if a.write_readme:
+                write_readme(data)
+        return 0
+    data, cases = run(a)
+    print(table(data))
+    if not a.no_save:
+        os.makedirs(os.path.join(a.results, "cases"), exist_ok=True)
+        if os.path.exists(path):      # keep the fusion rows of an earlier --fusion-only run
+            old = json.load(open(path))
+            if old.get("fusion"):
+                data["fusion"] = old["fusion"]
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+        keys = sorted({k for r in cases for k in r})
+        with open(os.path.join(a.results, "cases", "personalization.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(cases)
+        if a.write_readme:
+            write_readme(data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
