@@ -129,3 +129,16 @@ def test_model_regions_on_dit(kind):
     rj.install(bad, ra.RegionalAttention(NODE, [make_region(NODE, [[rctx, {}]], mask=torch.ones(1, 32, 64), label="left")]))
     with pytest.raises(EditKitInputError, match="left mask"):
         _call(bad, x, ctx, y)
+
+
+def test_node_on_dit_refuses_dense_mode_and_wrong_context():
+    from editkit.nodes.layout import RegionalAttention
+    m = tiny.tiny_flux(seed=0)
+    r = make_region(NODE, [[torch.randn(1, 5, tiny.CONTEXT_DIM), {}]], box=(0, 0, 32, 64))
+    out = RegionalAttention.execute(m, [r], "masked", 1.0, True, 0.0, 1.0)
+    assert out.args[0] is not m
+    with pytest.raises(EditKitInputError, match="mode"):
+        RegionalAttention.execute(m, [r], "dense_diffusion", 1.0, True, 0.0, 1.0)
+    wide = make_region(NODE, [[torch.randn(1, 5, 48), {}]], box=(0, 0, 32, 64))
+    with pytest.raises(EditKitInputError, match="48-wide"):
+        RegionalAttention.execute(m, [wide], "masked", 1.0, True, 0.0, 1.0)
