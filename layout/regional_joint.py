@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import controller
+from ..core.errors import EditKitInputError
 from ..core.introspect import dit_patch_size
 from ..core.patches import add_wrapper
 from .regional_attention import RegionalAttention, lowrank_augment, masked_factors
@@ -70,6 +71,10 @@ def _context_wrapper(regional: RegionalAttention, patch: int):
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         if c_crossattn is None or transformer_options is None or not regional.active(transformer_options):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if kwargs.get("attention_mask") is not None:
+            raise EditKitInputError(regional.node, "model", "this model's text prompt carries an attention mask (e.g. "
+                                    "Chroma-style padding masks), which regional attention on joint attention does not "
+                                    "extend to the region prompts", "use the model without its text attention mask")
         dm = executor.class_obj.diffusion_model
         b = c_crossattn.shape[0]
         toks = [r.context.to(device=c_crossattn.device, dtype=c_crossattn.dtype).expand(b, -1, -1) for r in regional.regions]

@@ -129,6 +129,11 @@ def test_model_regions_on_dit(kind):
     rj.install(bad, ra.RegionalAttention(NODE, [make_region(NODE, [[rctx, {}]], mask=torch.ones(1, 32, 64), label="left")]))
     with pytest.raises(EditKitInputError, match="left mask"):
         _call(bad, x, ctx, y)
+    if kind == "flux":          # a text attention mask would leave region tokens unmasked: refused, named
+        with pytest.raises(EditKitInputError, match="attention mask"):
+            to = {**half.model_options["transformer_options"], "wrappers": half.wrappers, "cond_or_uncond": [0]}
+            half.model.apply_model(x, torch.full((1,), 0.5), c_crossattn=ctx, transformer_options=to, y=y,
+                                   attention_mask=torch.ones(1, 6))
 
 
 def test_node_on_dit_refuses_dense_mode_and_wrong_context():
