@@ -33,29 +33,68 @@ BLOCK = 1000.0        # logit penalty of a blocked token: exp(-1000) is 0 in eve
 MODES = ("masked", "dense_diffusion")
 
 
+def lowrank_augment(q, k, v, qf: torch.Tensor, kf: torch.Tensor, scale: Optional[float] = None):
+    """q, k, v as (B, L, H, d) views -> (qa, ka, va) with extra channels such that a plain attention kernel
+    computes softmax(q k^T / sqrt(d) + qf kf^T) v (scaled by 1/sqrt of the padded head size, or by an
+    explicit `scale`). qf (B, Lq, r), kf (B, Lk, r): the bias factors, the same for every head; the extra
+    channels are padded to a multiple of 8 and the output's extra channels are zero (drop them)."""
+    b, lq, heads, d = q.shape
+    lk = k.shape[1]
+    r = qf.shape[-1]
+    dp = d + 8 * math.ceil(r / 8)
+    alpha, beta = (math.sqrt(dp / d), math.sqrt(dp)) if scale is None else (1.0, 1.0 / scale)
+    qa = q.new_zeros(b, lq, heads, dp)
+    qa[..., :d] = q * alpha
+    qa[..., d:d + r] = qf.to(q.dtype)[:, :, None, :]
+    ka = k.new_zeros(b, lk, heads, dp)
+    ka[..., :d] = k
+    ka[..., d:d + r] = (kf * beta).to(k.dtype)[:, :, None, :]
+    va = v.new_zeros(b, lk, heads, dp)
+    va[..., :d] = v
+    return qa, ka, va
+
+
 def lowrank_bias_attention(q, k, v, extra: dict, qf: torch.Tensor, kf: torch.Tensor):
     """softmax(q k^T / sqrt(d) + qf kf^T) v per head with ComfyUI's attention kernels.
 
-    q, k, v: (B, L, heads * d) projected tensors; qf (B, Lq, r), kf (B, Lk, r): the bias factors (same for
-    every head). The factors ride on extra channels padded to a multiple of 8; the output drops them.
+    q, k, v: (B, L, heads * d) projected tensors; qf (B, Lq, r), kf (B, Lk, r): the bias factors.
     """
     heads = extra["n_heads"]
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // heads
-    r = qf.shape[-1]
-    dp = d + 8 * math.ceil(r / 8)
-    alpha, beta = math.sqrt(dp / d), math.sqrt(dp)
-    qa = q.new_zeros(b, lq, heads, dp)
-    qa[..., :d] = q.reshape(b, lq, heads, d) * alpha
-    qa[..., d:d + r] = qf.to(q.dtype)[:, :, None, :]
-    ka = k.new_zeros(b, lk, heads, dp)
-    ka[..., :d] = k.reshape(b, lk, heads, d)
-    ka[..., d:d + r] = (kf * beta).to(k.dtype)[:, :, None, :]
-    va = v.new_zeros(b, lk, heads, dp)
-    va[..., :d] = v.reshape(b, lk, heads, d)
+    qa, ka, va = lowrank_augment(q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d), v.reshape(b, lk, heads, d), qf, kf)
     out = default_attention(qa.reshape(b, lq, -1), ka.reshape(b, lk, -1), va.reshape(b, lk, -1), extra)
-    return out.reshape(b, lq, heads, dp)[..., :d].reshape(b, lq, inner)
+    return out.reshape(b, lq, heads, -1)[..., :d].reshape(b, lq, inner)
+
+
+def masked_factors(m: torch.Tensor, base: int, starts, lens, lk: int, global_in_regions: bool = True,
+                   q_text: int = 0):
+    """The masked-cross-attention logit bias as rank-(R + 2) factors (qf (B, Lq, R+2), kf (B, Lk, R+2)).
+
+    m: (B, Lq_img, R) hard region masks of the image queries (zero on uncond rows); keys [0, base) are the
+    global prompt, region r's tokens are keys [starts[r], starts[r] + lens[r]). Image query p sees region
+    r's tokens only where m[p, r] = 1; the global tokens everywhere (global_in_regions) or only outside every
+    region. DiT joint attention (q_text > 0: the first q_text queries are the text tokens, in key order):
+    the global prompt's text rows never see region tokens (so the region prompts reach the rest of the image
+    only through the image tokens inside their region), region r's text rows see the global prompt, their own
+    tokens and every image token (they are read only inside region r).
+    """
+    b, lqi, R = m.shape
+    lq = q_text + lqi
+    kf = torch.zeros(b, lk, R + 2, device=m.device)
+    qf = torch.zeros(b, lq, R + 2, device=m.device)
+    qf[..., R] = 1.0
+    kf[:, base:base + sum(lens), R] = -BLOCK                # region tokens blocked ...
+    for r, (s, n) in enumerate(zip(starts, lens)):
+        qf[:, q_text:, r] = m[..., r]
+        if q_text:
+            qf[:, s:s + n, r] = 1.0                          # (DiT) the region's own text rows
+        kf[:, s:s + n, r] = BLOCK                            # ... except inside their region
+    if not global_in_regions:                                # global tokens only outside every region
+        qf[:, q_text:, R + 1] = m.amax(dim=-1)
+        kf[:, :base, R + 1] = -BLOCK
+    return qf, kf
 
 
 class RegionTokens(SharedPatch):
@@ -163,17 +202,7 @@ class RegionalAttention(SharedPatch):
         b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         m, _ = self.query_masks(extra, b, lq, q.device, torch.float32)
         m = (m > 0.5).float()                                   # hard regions at this layer's grid
-        R = m.shape[-1]
-        kf = torch.zeros(b, lk, R + 2, device=q.device)
-        qf = torch.zeros(b, lq, R + 2, device=q.device)
-        qf[..., R] = 1.0
-        kf[:, base:end, R] = -BLOCK                             # region tokens blocked ...
-        for r, (s, n) in enumerate(zip(starts, lens)):
-            qf[..., r] = m[..., r]
-            kf[:, s:s + n, r] = BLOCK                           # ... except inside their region
-        if not self.global_in_regions:                          # global tokens only outside every region
-            qf[..., R + 1] = m.amax(dim=-1)
-            kf[:, :base, R + 1] = -BLOCK
+        qf, kf = masked_factors(m, base, starts, lens, lk, self.global_in_regions)
         return lowrank_bias_attention(q, k, v, extra, qf, kf)
 
     def dense(self, q, k, v, extra, base, starts, lens, end):

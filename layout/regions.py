@@ -119,6 +119,10 @@ def model_context_dim(model) -> Optional[int]:
         attn2 = getattr(mod, "attn2", None)
         if attn2 is not None and hasattr(attn2, "to_k"):
             return attn2.to_k.in_features
+    for name in ("txt_in", "context_embedder"):                 # DiTs: Flux, SD3 text input projection
+        lin = getattr(dm, name, None)
+        if lin is not None and hasattr(lin, "in_features"):
+            return lin.in_features
     return None
 
 

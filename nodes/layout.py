@@ -11,7 +11,7 @@ from ..core.errors import require
 from ..core.introspect import model_sampling, require_architecture
 from ..core.gradients import gradient_clone
 from ..core.tokens import split_words, token_positions
-from ..layout import attend_excite, multidiffusion, regional_attention
+from ..layout import attend_excite, multidiffusion, regional_attention, regional_joint
 from ..layout.regions import check_context, downscale_of, latent_grid, make_region, model_context_dim
 
 CATEGORY = "EditKit/layout"
@@ -77,9 +77,10 @@ class RegionalAttention(EditKitNode):
             description="One-pass regional prompting in the cross-attention layers: each region's prompt is seen only "
                         "inside its region (masked cross-attention, CAC/NoiseCollage), or raised there and lowered "
                         "outside (DenseDiffusion, Kim et al. 2023). Works with every sampler; composes with other "
-                        "attention patches (Prompt-to-Prompt, IP-Adapter). UNet models (SD1.x, SD2.x, SDXL).",
+                        "attention patches (Prompt-to-Prompt, IP-Adapter). UNets (SD1.x, SD2.x, SDXL) and the text part of "
+                        "SD3/Flux joint attention (masked mode).",
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL)."),
+                io.Model.Input("model", tooltip="A UNet (SD1.x, SD2.x, SDXL) or an SD3/Flux model (masked mode)."),
                 Regions.Input("regions", tooltip="From EditKit Region (one per prompt)."),
                 io.Combo.Input("mode", options=list(regional_attention.MODES), default="masked",
                                tooltip="masked: region prompts only inside their regions (fast attention kept). "
@@ -98,7 +99,7 @@ class RegionalAttention(EditKitNode):
     @classmethod
     def execute(cls, model, regions, mode, strength, global_prompt_in_regions, start_percent, end_percent) -> io.NodeOutput:
         node = "EditKitRegionalAttention"
-        require_architecture(model, {"unet"}, node, what="regional attention")
+        arch = require_architecture(model, {"unet", "flux", "mmdit"}, node, what="regional attention")
         regs = _regions(node, regions, model)
         require(end_percent > start_percent, node, "end_percent", "end_percent must be after start_percent", "raise end_percent")
         ms = model_sampling(model)
@@ -108,8 +109,14 @@ class RegionalAttention(EditKitNode):
         patch = regional_attention.RegionalAttention(node, regs, mode=mode, strength=strength,
                                                      global_in_regions=global_prompt_in_regions, sigma_start=s0,
                                                      sigma_end=s1, downscale=downscale_of(model), model_sampling=ms)
-        n = regional_attention.install(m, patch)
-        text = f"{len(regs)} regions, {mode}, {n} cross-attention layers patched"
+        if arch == "unet":
+            n = regional_attention.install(m, patch)
+            text = f"{len(regs)} regions, {mode}, {n} cross-attention layers patched"
+        else:
+            require(mode == "masked", node, "mode", "DenseDiffusion modulation is implemented for UNets only",
+                    "use mode 'masked' on SD3/Flux")
+            regional_joint.install(m, patch)
+            text = f"{len(regs)} regions, masked, every joint attention (text part) patched"
         return io.NodeOutput(m, ui=feedback.show(cls, text=text))
 
 
