@@ -329,4 +329,52 @@ class BlendedLatent(EditKitNode):
         return io.NodeOutput(m)
 
 
-NODES = [SDEdit, DiffEditMask, BlendedLatent, LEDITS]
+class RePaint(EditKitNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EditKitRePaint",
+            display_name="RePaint Resampling (masked inversion edit)",
+            category="EditKit/editing",
+            description="RePaint resampling (Lugmayr et al. 2022) for a masked EditKit Inversion Sampler: the replay "
+                        "runs its steps in blocks of 'jump length' and runs every block 'resamples' times; before each "
+                        "rerun the edit is re-noised back to the block's start with fresh noise while the source stays "
+                        "on its stored latent, so the edit inside the mask blends with the kept source outside it. "
+                        "Costs 'resamples' times the model calls. Put it between the sampler's SAMPLER output and "
+                        "SamplerCustomAdvanced.",
+            inputs=[
+                io.Sampler.Input("sampler", tooltip="The 'sampler' output of an EditKit Inversion Sampler that has a mask "
+                                                    "connected."),
+                io.Int.Input("jump_length", default=10, min=1, max=1000,
+                             tooltip="Steps per block (the paper's jump length, 10)."),
+                io.Int.Input("resamples", default=10, min=1, max=100,
+                             tooltip="How often each block runs (the paper's 10; 1 = no resampling). The edit costs "
+                                     "this many times the model calls."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the fresh noise of the jumps back."),
+            ],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip="Connect to SamplerCustomAdvanced 'sampler' "
+                                                                       "(with the same node's guider).")],
+        )
+
+    @classmethod
+    def execute(cls, sampler, jump_length, resamples, seed) -> io.NodeOutput:
+        from ..local.blend import MaskedDecoding, RePaint as Hook
+        from ..samplers.replay import InversionReplaySampler
+        node = "EditKitRePaint"
+        if not isinstance(sampler, InversionReplaySampler):
+            raise EditKitInputError(node, "sampler", "not the sampler of an EditKit Inversion Sampler",
+                                    "connect the 'sampler' output of EditKit Inversion Sampler")
+        if not any(isinstance(h, MaskedDecoding) for h in sampler.hooks):
+            raise EditKitInputError(node, "sampler", "RePaint needs masked decoding and the Inversion Sampler has no mask",
+                                    "connect a MASK (e.g. EditKit DiffEdit Mask) to the Inversion Sampler's 'mask'")
+        if any(isinstance(h, Hook) for h in sampler.hooks):
+            raise EditKitInputError(node, "sampler", "the sampler already resamples (two RePaint nodes in a row)",
+                                    "keep one RePaint node")
+        require(jump_length >= 1, node, "jump_length", f"{jump_length} is below 1", "use 1 or more")
+        require(resamples >= 1, node, "resamples", f"{resamples} is below 1", "use 1 (off) or more")
+        hooks = sampler.hooks + (Hook(jump_length, resamples, seed),)
+        return io.NodeOutput(InversionReplaySampler(sampler.inv, sampler.output, hooks))
+
+
+NODES = [SDEdit, DiffEditMask, BlendedLatent, RePaint, LEDITS]

@@ -202,6 +202,13 @@ def test_renoise_matches_the_forward_process(tiny_eps, tiny_flow):
         assert abs(c1 * c1 + c2 * c2 - hi * hi) < 1e-9
 
 
+def _count_calls(inner, calls):
+    def wrapper(apply_model, args):
+        calls.append(args["input"].shape[0])
+        return inner(apply_model, args)
+    return wrapper
+
+
 class _Visits(ReplayHook):
     """Records the replayed step indices (test helper; per-run state in ctx.stats)."""
 
@@ -213,19 +220,42 @@ class _Visits(ReplayHook):
 def test_repaint_in_masked_decoding_keeps_the_source_outside(tiny_eps, encode):
     from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
     from editkit.local.blend import RePaint
+    from editkit.nodes.editing import RePaint as RePaintNode
     from editkit.samplers.replay import InversionReplaySampler
-    model = analytic_model(tiny_eps, maps_scale=4.0)
+    model, calls = analytic_model(tiny_eps, maps_scale=4.0), []
+    model.set_model_unet_function_wrapper(_count_calls(model.model_options["model_function_wrapper"], calls))
     inv = node_out(Invert.execute(model, {"samples": latent(4)}, encode(SOURCE), 1.0, 6, "normal", 0))[1]
     strength = torch.zeros(1, 8, 8)
     strength[:, 2:6, 2:6] = 1.0
     noise, guider, sampler, sigmas, lat = node_out(
         InversionSampler.execute(model, inv, encode(TARGET), 1.0, "source + target", mask=strength))
-    sampler = InversionReplaySampler(inv, "source + target", sampler.hooks + (RePaint(2, 2, seed=1), _Visits()))
+    sampler = node_out(RePaintNode.execute(InversionReplaySampler(inv, "source + target", sampler.hooks + (_Visits(),)),
+                                           2, 2, 1))[0]
+    assert isinstance(sampler.hooks[-1], RePaint) and (sampler.hooks[-1].jump, sampler.hooks[-1].resamples) == (2, 2)
+    calls.clear()
     out = node_out(SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, lat))[0]["samples"]
+    # every step of the 6 is run twice (blocks of 2): 12 steps, 3 jumps back; one batched model call per step
     assert guider.replay_stats["visits"] == [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5]
     assert guider.replay_stats["repaint_jumps"] == 3
+    assert len(calls) == 12
     tgt = out[1:]
     src = model.model.process_latent_out(inv.latents[-1].float())      # the stored clean source
     keep = (strength == 0)[0]
     torch.testing.assert_close(tgt[..., keep], src[..., keep], rtol=0, atol=1e-5)     # outside: the source
     assert float((tgt - src)[..., ~keep].abs().max()) > 1e-2                          # inside: edited
+
+
+def test_repaint_node_errors(tiny_eps, encode):
+    from editkit.nodes.editing import RePaint as RePaintNode
+    inv = node_out(Invert.execute(tiny_eps, {"samples": latent(0)}, encode(SOURCE), 1.0, 2, "normal", 0))[1]
+    unmasked = node_out(InversionSampler.execute(tiny_eps, inv, encode(TARGET), 1.0, "target"))[2]
+    with pytest.raises(EditKitInputError, match="'sampler'.*has no mask.*connect a MASK"):
+        RePaintNode.execute(unmasked, 10, 10, 0)
+    with pytest.raises(EditKitInputError, match="'sampler'.*not the sampler of an EditKit Inversion Sampler"):
+        RePaintNode.execute(object(), 10, 10, 0)
+    masked = node_out(InversionSampler.execute(tiny_eps, inv, encode(TARGET), 1.0, "target",
+                                               mask=torch.ones(1, 8, 8)))[2]
+    once = node_out(RePaintNode.execute(masked, 10, 10, 0))[0]
+    assert len(masked.hooks) == 1                   # the input sampler is not changed
+    with pytest.raises(EditKitInputError, match="'sampler'.*already resamples"):
+        RePaintNode.execute(once, 10, 10, 0)

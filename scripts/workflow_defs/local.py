@@ -3,18 +3,23 @@ LEDITS++."""
 from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, checkpoint, decode_and_save, note, photo, photo_step, text
 
 
-def diffedit(family="sd15"):
+def diffedit(family="sd15", repaint=False):
     b = builder()
-    note(b, family, "DiffEdit: change one thing, keep the rest",
+    steps = ["**RePaint** reruns every block of 10 steps 3 times, re-noising the edit back to the block's start "
+             "each time, so the edit blends with the kept source (3x the edit's model calls; the paper uses 10 "
+             "resamples)."] if repaint else []
+    note(b, family, "DiffEdit + RePaint resampling: harmonise a masked edit" if repaint else
+         "DiffEdit: change one thing, keep the rest",
          [photo_step(family),
           "**Source prompt**: describe your photo; **Edit prompt**: the same sentence with the words you want "
           "changed (here red -> blue).",
           "**DiffEdit Mask** finds where the two prompts disagree (its preview shows the mask over your photo); "
           "lower its threshold or dilate it if the mask misses part of the object.",
           "**Invert** runs only to the encode ratio (SplitSigmasDenoise 0.5 = the last half of the schedule); "
-          "**EditKit Inversion Sampler** edits inside the mask and keeps the source outside it."],
+          "**EditKit Inversion Sampler** edits inside the mask and keeps the source outside it."] + steps,
          "mask: n = 10 noise draws, encode ratio 0.5, threshold 0.5; DDIM inversion (CFG 1) to ratio 0.5 of "
-         "50 steps, edit CFG 5 (Couairon et al. 2023).")
+         "50 steps, edit CFG 5 (Couairon et al. 2023)." + (" RePaint: jump length 10, resamples 3 "
+                                                           "(paper: 10; Lugmayr et al. 2022)." if repaint else ""))
     ld = checkpoint(b, family)
     img = photo(b, ld.out("vae"), family)
     src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
@@ -41,10 +46,16 @@ def diffedit(family="sd15"):
     b.connect(tgt.out(0), smp, "positive")
     b.connect(neg.out(0), smp, "negative")
     b.connect(mask.out(0), smp, "mask")
+    sampler = smp.out(2)
+    if repaint:
+        rp = b.add("EditKitRePaint", jump_length=10, resamples=3, seed=0)
+        b.connect(sampler, rp, "sampler")
+        sampler = rp.out(0)
     sca = b.add("SamplerCustomAdvanced", title="Sample the masked edit")
     for i, name in enumerate(("noise", "guider", "sampler", "sigmas", "latent_image")):
-        b.connect(smp.out(i), sca, name)
-    decode_and_save(b, sca.out(0), ld.out("vae"), "editkit_diffedit", title="Decode the edit")
+        b.connect(sampler if name == "sampler" else smp.out(i), sca, name)
+    decode_and_save(b, sca.out(0), ld.out("vae"), "editkit_diffedit_repaint" if repaint else "editkit_diffedit",
+                    title="Decode the edit")
     return b.build()
 
 
@@ -136,7 +147,12 @@ def blended_latent(family="sd15"):
     return b.build()
 
 
+def diffedit_repaint(family="sd15"):
+    return diffedit(family, repaint=True)
+
+
 WORKFLOWS = {"diffedit": ("Editing - DiffEdit", diffedit),
+             "diffedit_repaint": ("Editing - DiffEdit + RePaint", diffedit_repaint),
              "blended_latent": ("Editing - Blended Latent (KSampler)", blended_latent),
              "ledits": ("Editing - LEDITS++", ledits),
              "guidance_sega": ("Guidance - SEGA", sega)}
