@@ -95,7 +95,10 @@ def test_model_regions_on_dit(kind):
     speck[:, 0, 0] = 1.0
     empty = base.clone()
     rj.install(empty, ra.RegionalAttention(NODE, [make_region(NODE, [[rctx, {}]], mask=speck)]))
-    assert (_call(empty, x, ctx, y) - plain).abs().max() < 1e-3 * scale
+    # (up to float32 rounding of the output, a few ulps: the extra mask channels change the kernels' summation
+    # order on some CPUs, e.g. 1 ulp with ATEN_CPU_CAPABILITY=avx2)
+    ulps = 8 * torch.finfo(torch.float32).eps * float(plain.abs().max())
+    assert (_call(empty, x, ctx, y) - plain).abs().max() < max(1e-3 * float(scale), ulps)
     # a region covering the whole image changes the result (the region prompt is seen)
     full = base.clone()
     rj.install(full, ra.RegionalAttention(NODE, [make_region(NODE, [[rctx, {}]], mask=torch.ones(1, 64, 64))]))
