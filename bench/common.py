@@ -64,3 +64,26 @@ def print_table(title: str, rows: list[dict]) -> None:
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) + " |")
     print(f"\n{host_line()}")
+
+
+def write_cases(path: str, records: list[dict], fieldnames=None) -> None:
+    """One row per case (the per-case file a table's numbers trace to); the folder is created."""
+    import csv
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames or sorted({k for r in records for k in r}))
+        w.writeheader()
+        w.writerows(records)
+
+
+def replace_block(path: str, begin: str, end: str, body: str) -> None:
+    """Rewrite the text between the markers `begin` and `end` of a file (the README's generated tables);
+    without the markers the block is appended."""
+    text = open(path).read()
+    block = begin + "\n" + body + "\n" + end
+    if begin in text:
+        a, b = text.index(begin), text.index(end) + len(end)
+        text = text[:a] + block + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    open(path, "w").write(text)

@@ -13,7 +13,6 @@ Results: bench/results/quality/drag.json and cases/drag-*.csv; --write-readme re
 <!-- bench-quality-drag:begin --> and <!-- bench-quality-drag:end -->.
 """
 import argparse
-import csv
 import json
 import os
 import resource
@@ -27,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from common import boot  # noqa: E402
+from common import boot, replace_block, write_cases  # noqa: E402
 
 boot()
 
@@ -154,11 +153,7 @@ def run(n: int, which: str, results: str | None, write: bool, only=()) -> list:
             out.append(row)
             print(json.dumps(row), flush=True)
             if results:
-                os.makedirs(os.path.join(results, "cases"), exist_ok=True)
-                with open(os.path.join(results, "cases", f"drag-{name.lower()}-{kind}.csv"), "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(records[0]))
-                    w.writeheader()
-                    w.writerows(records)
+                write_cases(os.path.join(results, "cases", f"drag-{name.lower()}-{kind}.csv"), records, list(records[0]))
     if results:
         path = os.path.join(results, "drag.json")
         old = json.load(open(path)) if os.path.exists(path) else {"rows": []}
@@ -191,14 +186,7 @@ def table(data: dict) -> str:
 
 
 def write_readme(data: dict, path: str = README) -> None:
-    text = open(path).read()
-    block = MARK_BEGIN + "\n" + table(data) + "\n" + MARK_END
-    if MARK_BEGIN in text:
-        a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    open(path, "w").write(text)
+    replace_block(path, MARK_BEGIN, MARK_END, table(data))
 
 
 def main(argv=None) -> int:

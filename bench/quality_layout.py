@@ -17,7 +17,6 @@ Results: bench/results/quality/layout.json and cases/layout-*.csv; --write-readm
 <!-- bench-quality-layout:begin --> and <!-- bench-quality-layout:end -->.
 """
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from common import boot  # noqa: E402
+from common import boot, replace_block, write_cases  # noqa: E402
 
 boot()
 
@@ -198,25 +197,18 @@ def run(n: int, results, write: bool, only=None) -> list:
             out.append(row)
             print(json.dumps(row), flush=True)
             if results:
-                os.makedirs(os.path.join(results, "cases"), exist_ok=True)
                 slug = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
                 while "--" in slug:
                     slug = slug.replace("--", "-")
-                with open(os.path.join(results, "cases", f"layout-{table_}-{slug}.csv"), "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(records[0]))
-                    w.writeheader()
-                    w.writerows(records)
+                write_cases(os.path.join(results, "cases", f"layout-{table_}-{slug}.csv"), records, list(records[0]))
     if not only or any("panorama" in o.lower() for o in only):
         with torch.inference_mode():
             pano = panorama(max(2, n // 2), clip, vae, m)
         for r in pano:
             if results:
-                os.makedirs(os.path.join(results, "cases"), exist_ok=True)
                 slug = "multidiffusion" if r["technique"].startswith("Multi") else "tiles"
-                with open(os.path.join(results, "cases", f"layout-panorama-{slug}.csv"), "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(r["records"][0]))
-                    w.writeheader()
-                    w.writerows(r["records"])
+                write_cases(os.path.join(results, "cases", f"layout-panorama-{slug}.csv"), r["records"],
+                            list(r["records"][0]))
             del r["records"]
             r["settings"] = "384x128, window 128 px, uniform"
         out += pano
@@ -269,14 +261,7 @@ def table(data: dict) -> str:
 
 
 def write_readme(data: dict, path: str = README) -> None:
-    text = open(path).read()
-    block = MARK_BEGIN + "\n" + table(data) + "\n" + MARK_END
-    if MARK_BEGIN in text:
-        a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    open(path, "w").write(text)
+    replace_block(path, MARK_BEGIN, MARK_END, table(data))
 
 
 def main(argv=None) -> int:

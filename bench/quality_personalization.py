@@ -16,7 +16,6 @@ Results: bench/results/quality/personalization.json and cases/personalization-*.
 the README between <!-- bench-quality-personalization:begin --> and <!-- ...:end -->.
 """
 import argparse
-import csv
 import json
 import os
 import resource
@@ -30,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from common import boot  # noqa: E402
+from common import boot, replace_block, write_cases  # noqa: E402
 
 boot()
 
@@ -329,14 +328,7 @@ def table(data: dict) -> str:
 
 
 def write_readme(data: dict, path: str = README) -> None:
-    text = open(path).read()
-    block = MARK_BEGIN + "\n" + table(data) + "\n" + MARK_END
-    if MARK_BEGIN in text:
-        a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    open(path, "w").write(text)
+    replace_block(path, MARK_BEGIN, MARK_END, table(data))
 
 
 def main(argv=None) -> int:
@@ -370,32 +362,24 @@ def main(argv=None) -> int:
         data["fusion"] = f
         print(fusion_table(f))
         if not a.no_save:
-            os.makedirs(os.path.join(a.results, "cases"), exist_ok=True)
+            os.makedirs(a.results, exist_ok=True)
             with open(path, "w") as fh:
                 json.dump(data, fh, indent=1)
-            keys = sorted({k for r in cases for k in r})
-            with open(os.path.join(a.results, "cases", "personalization-fusion.csv"), "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=keys)
-                w.writeheader()
-                w.writerows(cases)
+            write_cases(os.path.join(a.results, "cases", "personalization-fusion.csv"), cases)
             if a.write_readme:
                 write_readme(data)
         return 0
     data, cases = run(a)
     print(table(data))
     if not a.no_save:
-        os.makedirs(os.path.join(a.results, "cases"), exist_ok=True)
+        os.makedirs(a.results, exist_ok=True)
         if os.path.exists(path):      # keep the fusion rows of an earlier --fusion-only run
             old = json.load(open(path))
             if old.get("fusion"):
                 data["fusion"] = old["fusion"]
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
-        keys = sorted({k for r in cases for k in r})
-        with open(os.path.join(a.results, "cases", "personalization.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(cases)
+        write_cases(os.path.join(a.results, "cases", "personalization.csv"), cases)
         if a.write_readme:
             write_readme(data)
     return 0
