@@ -71,8 +71,14 @@ class DragPointsNode(EditKitNode):
         return io.NodeOutput(drag, ui=feedback.show(cls, text=drag.describe()))
 
 
-def fit_drag(node: str, drag: DragPoints, samples) -> DragPoints:
-    """The drag on the latent's image size (same aspect ratio), validated."""
+def fit_drag(node: str, drag: DragPoints, samples, model=None) -> DragPoints:
+    """The drag on the latent's image size (same aspect ratio), validated; with `model`, the latent is first
+    checked to be one of that model's (4-D, its latent channels)."""
+    if model is not None:
+        expected = model.model.latent_format.latent_channels
+        if samples.ndim != 4 or samples.shape[1] != expected:
+            raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
+                                    f"({expected} latent channels)", "encode the image with this model's VAE")
     h, w = int(samples.shape[-2]) * LATENT_FACTOR, int(samples.shape[-1]) * LATENT_FACTOR
     if not isinstance(drag, DragPoints):
         raise EditKitInputError(node, "drag", "is not an EDITKIT_DRAG value", "connect EditKit Drag Points")
@@ -130,11 +136,7 @@ class SDEDrag(EditKitNode):
         require(sub_moves >= 1, node, "sub_moves", f"{sub_moves} is below 1", "use 1 or more")
         require(radius > 0, node, "radius", f"{radius} px moves nothing", "use a radius covering the dragged part")
         samples = latent["samples"]
-        expected = model.model.latent_format.latent_channels
-        if samples.ndim != 4 or samples.shape[1] != expected:
-            raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
-                                    f"({expected} latent channels)", "encode the image with this model's VAE")
-        d = fit_drag(node, drag, samples)
+        d = fit_drag(node, drag, samples, model)
         run_steps = max(1, int(round(steps * t0)))
         bar = StepProgress(model, run_steps * sub_moves)
         out, info = sde_drag(model, positive, negative, samples, d, t0, steps, cfg, seed, sub_moves,
@@ -194,11 +196,7 @@ class DragDiffusion(EditKitNode):
             raise EditKitInputError(node, "model", f"this model has no decoder features to read ({e})",
                                     "use a UNet (SD1.x, SD2.x, SDXL) or a DiT") from None
         samples = latent["samples"][:1]
-        expected = model.model.latent_format.latent_channels
-        if samples.ndim != 4 or samples.shape[1] != expected:
-            raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
-                                    f"({expected} latent channels)", "encode the image with this model's VAE")
-        d = fit_drag(node, drag, samples)
+        d = fit_drag(node, drag, samples, model)
         bar = StepProgress(model, iterations + inversion_steps)
         out, info = drag_diffusion(model, positive, negative, samples, d, steps, inversion_steps, iterations, lr,
                                    lam=mask_weight, cfg=cfg, reference=reference_control, seed=seed, progress=bar.update)
@@ -257,11 +255,7 @@ def _dragon_execute(cls, node: str, model, positive, latent, drag, steps, invers
         raise EditKitInputError(node, "model", f"this model has no decoder features to read ({e})",
                                 "use a UNet (SD1.x, SD2.x, SDXL) or a DiT") from None
     samples = latent["samples"][:1]
-    expected = model.model.latent_format.latent_channels
-    if samples.ndim != 4 or samples.shape[1] != expected:
-        raise EditKitInputError(node, "latent", f"a latent with shape {tuple(samples.shape)} does not fit this model "
-                                f"({expected} latent channels)", "encode the image with this model's VAE")
-    d = fit_drag(node, drag, samples)
+    d = fit_drag(node, drag, samples, model)
     bar = StepProgress(model, inversion_steps)
     out, info = dragon_drag(model, positive, negative, samples, d, steps, inversion_steps, cfg, energy_scale, w_edit, w_content,
                             w_inpaint, guide_until, visual_cross_attention, seed=seed, progress=bar.update, **extra)

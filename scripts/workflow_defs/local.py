@@ -3,6 +3,23 @@ LEDITS++."""
 from .common import EDIT_PROMPT, SOURCE_PROMPT, builder, checkpoint, decode_and_save, note, photo, photo_step, text
 
 
+def photo_prompts_and_mask(b, family):
+    """Load Checkpoint, your photo, the source / edit / negative prompts and the DiffEdit mask (paper defaults:
+    n 10, encode ratio 0.5, threshold 0.5) where the two prompts disagree."""
+    ld = checkpoint(b, family)
+    img = photo(b, ld.out("vae"), family)
+    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
+    tgt = text(b, ld.out("clip"), EDIT_PROMPT, "Edit prompt")
+    neg = text(b, ld.out("clip"), "", "Negative prompt")
+    mask = b.add("EditKitDiffEditMask", n=10, encode_ratio=0.5, threshold=0.5, dilate=0, blur=0.0, seed=0)
+    b.connect(ld.out("model"), mask, "model")
+    b.connect(img["latent"].out(0), mask, "latent")
+    b.connect(src.out(0), mask, "reference")
+    b.connect(tgt.out(0), mask, "query")
+    b.connect(img["image"].out(0), mask, "image")
+    return ld, img, src, tgt, neg, mask
+
+
 def diffedit(family="sd15", repaint=False):
     b = builder()
     steps = ["**RePaint** reruns every block of 10 steps 3 times, re-noising the edit back to the block's start "
@@ -20,17 +37,7 @@ def diffedit(family="sd15", repaint=False):
          "mask: n = 10 noise draws, encode ratio 0.5, threshold 0.5; DDIM inversion (CFG 1) to ratio 0.5 of "
          "50 steps, edit CFG 5 (Couairon et al. 2023)." + (" RePaint: jump length 10, resamples 3 "
                                                            "(paper: 10; Lugmayr et al. 2022)." if repaint else ""))
-    ld = checkpoint(b, family)
-    img = photo(b, ld.out("vae"), family)
-    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
-    tgt = text(b, ld.out("clip"), EDIT_PROMPT, "Edit prompt")
-    neg = text(b, ld.out("clip"), "", "Negative prompt")
-    mask = b.add("EditKitDiffEditMask", n=10, encode_ratio=0.5, threshold=0.5, dilate=0, blur=0.0, seed=0)
-    b.connect(ld.out("model"), mask, "model")
-    b.connect(img["latent"].out(0), mask, "latent")
-    b.connect(src.out(0), mask, "reference")
-    b.connect(tgt.out(0), mask, "query")
-    b.connect(img["image"].out(0), mask, "image")
+    ld, img, src, tgt, neg, mask = photo_prompts_and_mask(b, family)
     sched = b.add("BasicScheduler", scheduler="normal", steps=50, denoise=1.0)
     b.connect(ld.out("model"), sched, "model")
     split = b.add("SplitSigmasDenoise", title="Encode ratio (last half of the schedule)", denoise=0.5)
@@ -123,17 +130,7 @@ def blended_latent(family="sd15"):
           "**KSampler** denoise sets how far the edit may go (img2img from the photo's latent)."],
          "mask: DiffEdit n 10, ratio 0.5, threshold 0.5; KSampler Euler 30 steps, CFG 7.5, denoise 0.7 "
          "(Blended Latent Diffusion, Avrahami et al. 2023).")
-    ld = checkpoint(b, family)
-    img = photo(b, ld.out("vae"), family)
-    src = text(b, ld.out("clip"), SOURCE_PROMPT, "Source prompt (describes your photo)")
-    tgt = text(b, ld.out("clip"), EDIT_PROMPT, "Edit prompt")
-    neg = text(b, ld.out("clip"), "", "Negative prompt")
-    mask = b.add("EditKitDiffEditMask", n=10, encode_ratio=0.5, threshold=0.5, dilate=0, blur=0.0, seed=0)
-    b.connect(ld.out("model"), mask, "model")
-    b.connect(img["latent"].out(0), mask, "latent")
-    b.connect(src.out(0), mask, "reference")
-    b.connect(tgt.out(0), mask, "query")
-    b.connect(img["image"].out(0), mask, "image")
+    ld, img, src, tgt, neg, mask = photo_prompts_and_mask(b, family)
     blend = b.add("EditKitBlendedLatent")
     b.connect(ld.out("model"), blend, "model")
     b.connect(img["latent"].out(0), blend, "source")
