@@ -45,3 +45,11 @@ def check_interval(node: str, interval: int, steps_hint: int = 1000, name: str =
     if interval > steps_hint:
         raise EditKitInputError(node, name, f"{interval} is above the number of sampling steps ({steps_hint})",
                                 f"use a value between 1 and {steps_hint}")
+
+
+def check_window(node: str, start_percent: float, end_percent: float) -> None:
+    """The part of the run a cache may act in: a non-empty [start, end) inside [0, 1]."""
+    if not 0.0 <= start_percent < end_percent <= 1.0:
+        raise EditKitInputError(node, "start_percent",
+                                f"the window [{start_percent}, {end_percent}) is empty or outside [0, 1]",
+                                "make start_percent < end_percent")

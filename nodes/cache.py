@@ -6,7 +6,7 @@ from .base import EditKitNode
 from . import feedback
 
 from ..cache import blockcache, deepcache, tgate, todo
-from ..cache.schedule import SCHEDULES, UNIFORM, check_interval, key_steps
+from ..cache.schedule import SCHEDULES, UNIFORM, check_interval, check_window, key_steps
 from ..core.errors import EditKitInputError, require
 from ..core.introspect import attention_layout, require_architecture
 
@@ -51,8 +51,7 @@ class DeepCache(EditKitNode):
         require_architecture(model, {"unet"}, node, what="DeepCache (UNet skip branches; use EditKit Block Cache for SD3/Flux)")
         check_interval(node, cache_interval)
         require(schedule in SCHEDULES, node, "schedule", f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
-        require(0.0 <= start_percent < end_percent <= 1.0, node, "start_percent",
-                f"the window [{start_percent}, {end_percent}) is empty or outside [0, 1]", "make start_percent < end_percent")
+        check_window(node, start_percent, end_percent)
         n_in, n_out, _ = deepcache.deep_blocks(model, 0)
         if cache_branch > min(n_in, n_out) - 2:
             raise EditKitInputError(node, "cache_branch", f"branch {cache_branch} leaves no deep blocks to cache "
@@ -109,8 +108,7 @@ class BlockCacheNode(EditKitNode):
         require(0.0 <= threshold <= 1.0, node, "threshold", f"{threshold} is outside [0, 1]",
                 "use 0 (plain) to 1; 0.05-0.12 is typical")
         check_interval(node, cache_interval)
-        require(0.0 <= start_percent < end_percent <= 1.0, node, "start_percent",
-                f"the window [{start_percent}, {end_percent}) is empty or outside [0, 1]", "make start_percent < end_percent")
+        check_window(node, start_percent, end_percent)
         blocks = attention_layout(model).dit_blocks
         require(len(blocks) >= 2, node, "model", f"this DiT has {len(blocks)} block(s): nothing to cache",
                 "connect a DiT with two or more transformer blocks")
