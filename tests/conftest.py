@@ -17,6 +17,13 @@ sys.modules["editkit_boot"] = boot
 # One thread by default: two threads on a shared core slow small ops down by orders of magnitude.
 boot.boot(threads=int(os.environ.get("TORCH_THREADS", "1")))
 
+# The checkout holds the pack's __init__.py, so pytest sets up the checkout as a package and imports that file
+# before the first test. In a folder whose name is not a Python identifier (a clone into mktemp's "tmp.XXXX")
+# pytest imports it as a lone module named "__init__", where its relative imports fail; hand pytest the pack
+# ComfyUI loaded (the same file, through custom_nodes/EditKit) under that name instead.
+if not os.path.basename(ROOT).isidentifier():
+    sys.modules.setdefault("__init__", sys.modules["editkit"])
+
 import torch  # noqa: E402
 
 from editkit.builtin_models import fullsize, tiny  # noqa: E402
