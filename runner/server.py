@@ -2,7 +2,8 @@
 
 Standalone (stdlib only, no ComfyUI import): the server runs in its own process, on a free port on
 127.0.0.1, with a temporary --base-directory (custom_nodes/EditKit -> this checkout, models/, input/,
-output/), an in-memory database and no API nodes. It is stopped by its own PID.
+output/), an in-memory database and no API nodes. It is stopped by its own PID, and on Linux also by the
+kernel when the thread that started it dies (a killed pytest worker must not leave its server running).
 
     with ComfyServer(models_from="/path/to/models") as srv:
         print(srv.url)
@@ -33,6 +34,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM the child when the parent thread exits (PR_SET_PDEATHSIG).
+
+    A no-op elsewhere. Without it an OOM-killed or SIGKILLed test worker orphans its server, which then
+    holds a port and a few hundred MB until someone kills it by hand.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _write_model_paths(base: str, models_dir: str) -> str | None:
@@ -95,7 +112,8 @@ class ComfyServer:
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command() + extra + self.extra_args, cwd=comfy_dir(), env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

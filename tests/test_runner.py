@@ -309,3 +309,46 @@ def test_api_titles_default_to_the_display_name(wf, classes):
     assert api["1"]["_meta"] == {"title": "Empty Latent Image"}
     assert api["2"]["_meta"] == {"title": "SDEdit (noise a guide image)"}
     assert api["3"]["_meta"] == {"title": "My sampler"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_server_child_dies_with_a_killed_parent(tmp_path):
+    """A SIGKILLed starter (say an OOM-killed pytest worker) takes the process ComfyServer spawned with it."""
+    import signal
+    import time
+    pidfile = tmp_path / "child.pid"
+    parent = f"""
+import subprocess, sys, time
+sys.path.insert(0, {os.path.dirname(ROOT)!r})
+from importlib import util
+spec = util.spec_from_file_location("ek_server_mod", {os.path.join(ROOT, "runner", "server.py")!r})
+mod = util.module_from_spec(spec); spec.loader.exec_module(mod)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=mod._die_with_parent)
+open({str(pidfile)!r}, "w").write(str(child.pid))
+time.sleep(120)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        os.kill(child, 0)  # alive while the parent lives
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+                with open(f"/proc/{child}/stat") as f:  # a zombie nobody reaps (PID 1 of a container) is dead too
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the child outlived its SIGKILLed parent by 10 s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
