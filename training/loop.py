@@ -57,21 +57,57 @@ class TrainingInterrupted(Exception):
 
 
 class EMA:
-    """Exponential moving average of parameters (fp32 shadow copies)."""
+    """Exponential moving average of parameters (fp32 shadow copies). warmup: the decay at optimizer step n is
+    min(decay, (1 + n) / (10 + n)), so early averages do not remember the random initialisation."""
 
-    def __init__(self, params, decay: float):
-        self.decay = float(decay)
+    def __init__(self, params, decay: float, warmup: bool = False):
+        self.decay, self.warmup = float(decay), bool(warmup)
         self.shadow = [p.detach().float().clone() for p in params]
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, params) -> None:
+    def update(self, params, step: int = 0) -> None:
+        d = self.decay_at(step)
         for s, p in zip(self.shadow, params):
-            s.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+            s.mul_(d).add_(p.detach().float(), alpha=1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, params) -> None:
         for s, p in zip(self.shadow, params):
             p.copy_(s.to(p.dtype))
+
+
+class Optimizer:
+    """The training core's optimizer step (one owner): AdamW on the (fp32 master) parameters, optional
+    gradient-norm clipping, EMA after every step. Gradient accumulation: call backward on each micro-batch
+    (its loss divided by the number of micro-batches) between zero_grad() and step()."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), weight_decay: float = 1e-2, ema_decay: float = 0.0,
+                 ema_warmup: bool = False, clip_norm: Optional[float] = None, steps: int = 0):
+        self.params = list(params)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self.ema = EMA(self.params, ema_decay, ema_warmup) if ema_decay > 0 else None
+        self.clip_norm, self.steps = clip_norm, int(steps)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, lr: Optional[float] = None) -> None:
+        if lr is not None:
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+        if self.clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.opt.step()
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.params, self.steps)
 
 
 def master_parameters(tensors) -> list[torch.nn.Parameter]:
@@ -151,9 +187,8 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
     def program(env):
         ms = env.model_sampling
         gen = torch.Generator().manual_seed(int(settings.seed))
-        opt = torch.optim.AdamW(params, lr=settings.learning_rate, betas=tuple(settings.betas),
-                                weight_decay=settings.weight_decay)
-        ema = EMA(params, settings.ema_decay) if settings.ema_decay > 0 else None
+        optim = Optimizer(params, settings.learning_rate, settings.betas, settings.weight_decay, settings.ema_decay)
+        opt, ema = optim.opt, optim.ema
         start, losses = 0, []
         if resume:
             ck = load_checkpoint(resume)
@@ -167,6 +202,7 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
                 ema.shadow = [s.to(p.device) for s, p in zip(ck["ema"], params)]
             gen.set_state(ck["generator"])
             start, losses = int(ck["step"]), list(ck["losses"])
+            optim.steps = start
             result.resumed_from = start
         latents = torch.stack([e.latent for e in examples]).float()
         weights = torch.tensor([float(e.weight) for e in examples])
@@ -179,7 +215,7 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
                 if checkpoint_path:
                     path = save_checkpoint(checkpoint_path, step, params, opt, ema, gen, losses, fingerprint)
                 raise TrainingInterrupted(path, step)
-            opt.zero_grad(set_to_none=True)
+            optim.zero_grad()
             step_loss = 0.0
             for _ in range(accum):
                 idx = torch.randint(0, len(examples), (bs,), generator=gen)
@@ -198,9 +234,7 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
                         loss = (per_row * weights[sel].to(per_row.device)).sum() / (bs * accum)
                         loss.backward()
                     step_loss += float(loss.detach())
-            opt.step()
-            if ema is not None:
-                ema.update(params)
+            optim.step()
             losses.append(step_loss)
             progress.update(step + 1, step_loss)
             if on_step is not None:
