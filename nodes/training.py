@@ -22,6 +22,26 @@ def _resume_input():
                             tooltip="Continue from the checkpoint an interrupted run with the same settings left.")
 
 
+PREVIEW_STEPS, PREVIEW_CFG = 8, 5.0
+
+
+def _preview_input():
+    return io.Int.Input("preview_every", default=100, min=0, max=100000,
+                        tooltip=f"Every N steps, sample a small preview with the current weights ({PREVIEW_STEPS} "
+                                f"steps, CFG {PREVIEW_CFG:g}, fixed seed) and show it on the progress bar "
+                                "(needs a preview method in ComfyUI's settings). 0: off.")
+
+
+def _preview(node, every, clip, seed):
+    """The training core's Preview for a node's preview_every (None when off)."""
+    from ..training import loop
+    require(every >= 0, node, "preview_every", f"{every} is negative", "use 0 (off) or a step count such as 100")
+    if not every:
+        return None
+    return loop.Preview(every=int(every), steps=PREVIEW_STEPS, seed=int(seed), cfg=PREVIEW_CFG,
+                        negative=clip.encode_from_tokens_scheduled(clip.tokenize("")))
+
+
 def _settings(node, steps, learning_rate, batch_size, seed, grad_accumulation=1, weight_decay=1e-2):
     from ..training import loop
     require(learning_rate > 0, node, "learning_rate", f"{learning_rate} is not > 0", "use e.g. 1e-4")
@@ -108,6 +128,7 @@ class DreamBoothLoRATrain(EditKitNode):
                 io.Int.Input("class_steps", default=30, min=1, max=200,
                              tooltip="Sampling steps of each class image."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches, noise and init."),
+                _preview_input(),
                 _resume_input(),
             ],
             outputs=[
@@ -121,7 +142,8 @@ class DreamBoothLoRATrain(EditKitNode):
 
     @classmethod
     def execute(cls, model, clip, latent, instance_prompt, identifier, class_prompt, name, steps, learning_rate,
-                rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume) -> io.NodeOutput:
+                rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume,
+                preview_every=0) -> io.NodeOutput:
         from ..lora import st_io
         from ..training import dreambooth, loop, paths, prior
         node = DB_NODE
@@ -148,7 +170,8 @@ class DreamBoothLoRATrain(EditKitNode):
         try:
             lo, res = dreambooth.train(model, x0, inst, settings, rank, cls_lat, cls_cond, prior_loss_weight,
                                        checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
-                                       node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+                                       node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
+                                       preview=_preview(node, preview_every, clip, seed))
         except loop.TrainingInterrupted as e:
             _interrupted(e, node)
         sd = lo.state_dict()
@@ -208,6 +231,7 @@ class TextualInversionTrain(EditKitNode):
                                tooltip="AdamW learning rate (paper: 5e-3)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
+                _preview_input(),
                 _resume_input(),
             ],
             outputs=[
@@ -220,7 +244,7 @@ class TextualInversionTrain(EditKitNode):
 
     @classmethod
     def execute(cls, model, clip, latent, captions, placeholder, init_word, name, num_vectors, steps,
-                learning_rate, batch_size, seed, resume) -> io.NodeOutput:
+                learning_rate, batch_size, seed, resume, preview_every=0) -> io.NodeOutput:
         from ..lora import st_io
         from ..training import loop, paths
         from ..training import textual_inversion as TI
@@ -237,7 +261,8 @@ class TextualInversionTrain(EditKitNode):
         try:
             vectors, res = TI.train(model, clip, x0, caps, ph, (init_word or "").strip(), settings, int(num_vectors),
                                     checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
-                                    node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+                                    node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
+                                    preview=_preview(node, preview_every, clip, seed))
         except TI.CaptionError as e:
             raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
         except loop.TrainingInterrupted as e:
@@ -291,6 +316,7 @@ class CustomDiffusionTrain(EditKitNode):
                              tooltip="How many class images the model generates for the prior (cached)."),
                 io.Int.Input("class_steps", default=30, min=1, max=200, tooltip="Sampling steps of each class image."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
+                _preview_input(),
                 _resume_input(),
             ],
             outputs=[
@@ -305,7 +331,8 @@ class CustomDiffusionTrain(EditKitNode):
 
     @classmethod
     def execute(cls, model, clip, latent, captions, placeholder, init_word, class_prompt, name, steps,
-                learning_rate, batch_size, prior_loss_weight, class_images, class_steps, seed, resume) -> io.NodeOutput:
+                learning_rate, batch_size, prior_loss_weight, class_images, class_steps, seed, resume,
+                preview_every=0) -> io.NodeOutput:
         from ..lora import st_io
         from ..training import custom_diffusion as CD
         from ..training import lora as TL
@@ -335,7 +362,8 @@ class CustomDiffusionTrain(EditKitNode):
             concept, diffs, res = CD.train(model, clip, x0, caps, ph, (init_word or "").strip(), settings, cls_lat,
                                            cls_cond, prior_loss_weight, checkpoint_path=ckpt,
                                            resume=ckpt if resume and os.path.exists(ckpt) else None,
-                                           node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+                                           node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
+                                           preview=_preview(node, preview_every, clip, seed))
         except TI.CaptionError as e:
             raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
         except loop.TrainingInterrupted as e:

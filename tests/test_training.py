@@ -62,6 +62,8 @@ def _setup(model, encode, n=2, seed=0):
 
 
 def _snapshot(model):
+    import comfy.model_management
+    comfy.model_management.unload_all_models()   # a LoRA clone an earlier test sampled leaves its patch in place
     dm = model.model.diffusion_model
     return ({n: p.detach().clone() for n, p in dm.named_parameters()}, dict(model.weight_wrapper_patches),
             dict(model.object_patches), dict(model.patches))
@@ -139,3 +141,36 @@ def test_saved_lora_loads_with_core_loader_as_the_trained_delta(tiny_flow, encod
                                rtol=1e-4, atol=1e-6)
     assert not torch.allclose(D.predict_x0(tiny_flow, x, s, conds["c0"]), D.predict_x0(loaded, x, s, conds["c0"]),
                               atol=1e-6)
+
+
+def test_preview_fires_every_n_steps_and_leaves_training_unchanged(tiny_eps, encode):
+    """Preview every 2 of 5 steps: the callback fires at steps 2 and 4, the trained LoRA, losses and EMA are
+    bitwise those of the same run without previews, and the preview at step 4 is what ComfyUI's own sampler
+    (euler, simple schedule, CFG against the empty prompt, same noise) draws with the weights of step 4."""
+    import comfy.model_management
+    import comfy.sample
+    settings = T.Settings(steps=5, learning_rate=1e-2, batch_size=2, ema_decay=0.5, seed=4)
+    conds, ex, plain = _setup(tiny_eps, encode)
+    ref = T.train(tiny_eps, conds, ex, plain.parameters(), settings, install=plain.install, stop=lambda: False)
+    seen, at4 = [], {}
+    _, _, lo = _setup(tiny_eps, encode)
+
+    def on_latent(step, x0):
+        seen.append((step, x0))
+        if step == 4:
+            at4["sd"] = {k: v.clone() for k, v in lo.state_dict().items()}
+    neg = encode("")
+    pv = T.Preview(every=2, steps=4, seed=7, cfg=3.0, negative=neg, on_latent=on_latent)
+    res = T.train(tiny_eps, conds, ex, lo.parameters(), settings, install=lo.install, stop=lambda: False, preview=pv)
+    assert [s for s, _ in seen] == [2, 4]
+    assert res.losses == ref.losses
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), lo.parameters()))
+    assert all(torch.isfinite(x).all() and x.shape == (1, 4, 8, 8) for _, x in seen)
+    assert not torch.allclose(seen[0][1], seen[1][1])          # the weights changed between previews
+    # the step-4 preview == core sampling with the step-4 LoRA (ddim_step == euler step on EPS models)
+    loaded, _ = TL.apply_saved(tiny_eps, None, at4["sd"], 1.0, 0.0)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    got = comfy.sample.sample(loaded, noise, 4, 3.0, "euler", "simple", conds["c0"], neg, torch.zeros(1, 4, 8, 8),
+                              seed=7)
+    comfy.model_management.unload_all_models()                # restore the shared fixture's weights
+    torch.testing.assert_close(tiny_eps.model.process_latent_out(seen[1][1]), got, rtol=1e-4, atol=1e-4)

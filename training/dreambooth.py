@@ -22,7 +22,7 @@ def examples(instance_latents: torch.Tensor, class_latents: Optional[torch.Tenso
 
 def train(model, instance_latents, instance_cond, settings: loop.Settings, rank: int = 4,
           class_latents=None, class_cond=None, prior_weight: float = 1.0, checkpoint_path: Optional[str] = None,
-          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None):
+          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None, preview=None):
     """(TrainableLora, loop.Result). Latents in sampler space, (N, C, H, W)."""
     lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=rank, seed=settings.seed)
     conds = {INSTANCE: instance_cond}
@@ -30,5 +30,5 @@ def train(model, instance_latents, instance_cond, settings: loop.Settings, rank:
         conds[CLASS] = class_cond
     ex = examples(instance_latents, class_latents, prior_weight)
     res = loop.train(model, conds, ex, lo.parameters(), settings, install=lo.install, checkpoint_path=checkpoint_path,
-                     resume=resume, node_id=node_id, stop=stop)
+                     resume=resume, node_id=node_id, stop=stop, preview=preview)
     return lo, res

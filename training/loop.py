@@ -142,13 +142,15 @@ def _default_stop() -> bool:
 
 
 class _Progress:
-    def __init__(self, total: int, node_id: Optional[str]):
-        import comfy.utils
-        self.bar = comfy.utils.ProgressBar(total)
+    """ComfyUI's progress bar with the loss as progress text and the preview samples as its image."""
+
+    def __init__(self, model, total: int, node_id: Optional[str]):
+        from ..core.progress import StepProgress
+        self.bar = StepProgress(model, total)
         self.total, self.node_id = total, node_id
 
-    def update(self, step: int, loss: float) -> None:
-        self.bar.update_absolute(step, self.total)
+    def update(self, step: int, loss: float, preview_x0: Optional[torch.Tensor] = None) -> None:
+        self.bar.show(step, preview_x0)
         if self.node_id is None:
             return
         try:
@@ -160,12 +162,51 @@ class _Progress:
             pass
 
 
+PREVIEW_NEGATIVE = "preview_negative"
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A preview sample every `every` optimizer steps (0: off) with the current weights: `steps` deterministic
+    (DDIM) steps from fixed noise (seed), the condition `cond` (default: the first example's) with its trainable
+    context, CFG `cfg` against `negative` (a CONDITIONING; None: no CFG). Shown as the progress bar's image;
+    on_latent(step, x0) receives it too. Sampling uses its own generator and no gradients: the training run is
+    the same with or without previews."""
+    every: int = 0
+    steps: int = 8
+    seed: int = 0
+    cfg: float = 1.0
+    negative: object = None
+    cond: Optional[str] = None
+    on_latent: Optional[Callable[[int, torch.Tensor], None]] = None
+
+
+def sample_preview(env, preview: Preview, cond: str, shape, context=None) -> torch.Tensor:
+    """A small deterministic sample (sampler space, (1, C, H, W)) through the gradient clone's current weights."""
+    import comfy.samplers
+
+    from ..core import denoiser
+    ms = env.model_sampling
+    sigmas = comfy.samplers.calculate_sigmas(ms, "simple", max(int(preview.steps), 1)).float().cpu()
+    noise = torch.randn((1,) + tuple(shape), generator=torch.Generator().manual_seed(int(preview.seed)))
+    x = denoiser.initial_latent(ms, noise, torch.zeros_like(noise), sigmas[0], max_denoise=True).to(env.device)
+    neg = PREVIEW_NEGATIVE if preview.negative is not None else None
+    with torch.no_grad():
+        ctx = context(cond) if context is not None else None
+        for i in range(len(sigmas) - 1):
+            pred = env.denoise(x, sigmas[i].to(env.device), positive=cond, negative=neg, cfg=float(preview.cfg),
+                               context=ctx)
+            x = denoiser.ddim_step(ms, x, pred.x0, sigmas[i], sigmas[i + 1])
+    return x.detach()
+
+
 def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Parameter], settings: Settings,
           install: Optional[Callable[[object], None]] = None,
           context: Optional[Callable[[str], torch.Tensor]] = None,
           checkpoint_path: Optional[str] = None, resume: Optional[str] = None,
           on_step: Optional[Callable[[int, float], None]] = None,
-          stop: Optional[Callable[[], bool]] = None, node_id: Optional[str] = None) -> Result:
+          stop: Optional[Callable[[], bool]] = None, node_id: Optional[str] = None,
+          preview: Optional[Preview] = None) -> Result:
     """Optimize `params` to minimize the diffusion loss of `model` (+ installed wrappers) on `examples`.
 
     conds: named CONDITIONINGs (each example names one). install(clone): adds the trainable weight
@@ -173,7 +214,7 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
     that condition's own (textual inversion). stop(): checked before every step (default: ComfyUI's
     interrupt); when it fires the state is saved to checkpoint_path and TrainingInterrupted raised.
     resume: a checkpoint written by an interrupted run with the same settings; the run continues exactly
-    where it stopped (same batches, same optimizer state)."""
+    where it stopped (same batches, same optimizer state). preview: a sample every N steps (Preview)."""
     if not examples:
         raise ValueError("no training examples")
     shape = tuple(examples[0].latent.shape)
@@ -208,7 +249,9 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
         weights = torch.tensor([float(e.weight) for e in examples])
         names = [e.cond for e in examples]
         bs, accum = int(settings.batch_size), int(settings.grad_accumulation)
-        progress = _Progress(settings.steps, node_id)
+        progress = _Progress(model, settings.steps, node_id)
+        every = int(preview.every) if preview is not None else 0
+        preview_cond = (preview.cond or names[0]) if every > 0 else None
         for step in range(start, settings.steps):
             if stop():
                 path = None
@@ -236,13 +279,20 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
                     step_loss += float(loss.detach())
             optim.step()
             losses.append(step_loss)
-            progress.update(step + 1, step_loss)
+            shown = None
+            if every > 0 and (step + 1) % every == 0:
+                shown = sample_preview(env, preview, preview_cond, shape, context)
+                if preview.on_latent is not None:
+                    preview.on_latent(step + 1, shown)
+            progress.update(step + 1, step_loss, shown)
             if on_step is not None:
                 on_step(step + 1, step_loss)
         if ema is not None:
             ema.copy_to(params)
         result.losses, result.steps = losses, settings.steps
 
+    if preview is not None and preview.every > 0 and preview.negative is not None:
+        conds = dict(conds, **{PREVIEW_NEGATIVE: preview.negative})
     G.run_with_gradients(model, conds, program, sigmas, (1,) + shape, checkpointing=settings.checkpointing,
                          seed=int(settings.seed), prepare=install)
     return result
