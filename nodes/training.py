@@ -119,7 +119,13 @@ class DreamBoothLoRATrain(EditKitNode):
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate (LoRA DreamBooth: 1e-4)."),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
+                io.Int.Input("rank", default=4, min=1, max=128,
+                             tooltip="Rank of the LoRA / LoHa factors; for LoKr the Kronecker factor size."),
+                io.Combo.Input("adapter", options=["lora", "loha", "lokr"], default="lora",
+                               tooltip="Adapter format (ComfyUI's own weight adapters; core Load LoRA and EditKit's "
+                                       "merge nodes read all three): lora = up @ down; loha = Hadamard product of two "
+                                       "low-rank pairs (LyCORIS LoHa, rank up to rank^2 with the same size); lokr = "
+                                       "Kronecker product of two small factors (LyCORIS LoKr)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
                 io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Weight of the class-image loss (0: no prior preservation)."),
@@ -143,11 +149,13 @@ class DreamBoothLoRATrain(EditKitNode):
     @classmethod
     def execute(cls, model, clip, latent, instance_prompt, identifier, class_prompt, name, steps, learning_rate,
                 rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume,
-                preview_every=0) -> io.NodeOutput:
+                preview_every=0, adapter="lora") -> io.NodeOutput:
         from ..lora import st_io
         from ..training import dreambooth, loop, paths, prior
         node = DB_NODE
         settings = _settings(node, steps, learning_rate, batch_size, seed)
+        require(adapter in ("lora", "loha", "lokr"), node, "adapter", f"{adapter!r} is not lora, loha or lokr",
+                "pick one from the list")
         ident = (identifier or "").strip()
         require(bool(ident), node, "identifier", "the identifier is empty", "use a rare token such as sks")
         require(ident in (instance_prompt or "").split(), node, "instance_prompt",
@@ -171,13 +179,13 @@ class DreamBoothLoRATrain(EditKitNode):
             lo, res = dreambooth.train(model, x0, inst, settings, rank, cls_lat, cls_cond, prior_loss_weight,
                                        checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
                                        node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
-                                       preview=_preview(node, preview_every, clip, seed))
+                                       preview=_preview(node, preview_every, clip, seed), adapter=adapter)
         except loop.TrainingInterrupted as e:
             _interrupted(e, node)
         sd = lo.state_dict()
         st_io.save(sd, path, {"editkit_training": "dreambooth_lora", "instance_prompt": instance_prompt,
                               "class_prompt": class_prompt if use_prior else "", "steps": str(steps),
-                              "rank": str(rank), "learning_rate": str(learning_rate)})
+                              "rank": str(rank), "adapter": adapter, "learning_rate": str(learning_rate)})
         if os.path.exists(ckpt):
             os.remove(ckpt)
         from ..training import lora as TL
@@ -363,7 +371,7 @@ class CustomDiffusionTrain(EditKitNode):
                                            cls_cond, prior_loss_weight, checkpoint_path=ckpt,
                                            resume=ckpt if resume and os.path.exists(ckpt) else None,
                                            node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
-                                           preview=_preview(node, preview_every, clip, seed))
+                                           preview=_preview(node, preview_every, clip, seed), adapter=adapter)
         except TI.CaptionError as e:
             raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
         except loop.TrainingInterrupted as e:

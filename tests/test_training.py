@@ -174,3 +174,52 @@ def test_preview_fires_every_n_steps_and_leaves_training_unchanged(tiny_eps, enc
                               seed=7)
     comfy.model_management.unload_all_models()                # restore the shared fixture's weights
     torch.testing.assert_close(tiny_eps.model.process_latent_out(seen[1][1]), got, rtol=1e-4, atol=1e-4)
+
+
+def _lycoris_delta(sd: dict, n: str, kind: str) -> torch.Tensor:
+    """The LyCORIS formulas on the saved tensors (written out here, not ComfyUI's code)."""
+    f = lambda name: sd[f"{n}.{name}"].double()
+    alpha = float(sd[f"{n}.alpha"])
+    if kind == "lora":
+        up, down = f("lora_up.weight"), f("lora_down.weight")
+        return alpha / down.shape[0] * up @ down
+    if kind == "loha":
+        w1b = f("hada_w1_b")
+        return alpha / w1b.shape[0] * (f("hada_w1_a") @ w1b) * (f("hada_w2_a") @ f("hada_w2_b"))
+    return torch.kron(f("lokr_w1"), f("lokr_w2"))          # full Kronecker factors: scale 1
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_delta(tiny_eps, encode, tmp_path, kind):
+    """DreamBooth with adapter lora / loha / lokr: the saved file, loaded from disk by core's loader
+    (comfy.sd.load_lora_for_models, what Load LoRA calls), changes every trained weight by exactly the delta the
+    LyCORIS formula gives from the saved tensors; EditKit's LoRA reader (lora/formats, used by the merge nodes)
+    reads the same delta."""
+    import comfy.lora
+    import comfy.utils
+
+    from editkit.lora import formats, st_io
+    from editkit.training import dreambooth
+    lat = torch.randn(2, 4, 8, 8, generator=_gen(3)) * 0.8
+    lo, res = dreambooth.train(tiny_eps, lat, encode("a photo of sks circle"),
+                               T.Settings(steps=3, learning_rate=1e-2, seed=1), rank=4, stop=lambda: False, adapter=kind)
+    assert lo.kind == kind and len(res.losses) == 3
+    path = str(tmp_path / f"{kind}.safetensors")
+    st_io.save(lo.state_dict(), path, {})
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    loaded, _ = TL.apply_saved(tiny_eps, None, sd, 1.0, 0.0)
+    assert set(loaded.patches) == set(lo.adapters)
+    resolver = formats.KeyResolver(tiny_eps)
+    parsed = formats.parse(sd, resolver, kind)
+    assert {m.kind for m in parsed.modules.values()} == {kind} and len(parsed.modules) == len(lo.adapters)
+    dm = tiny_eps.model.diffusion_model
+    moved = 0.0
+    for key in lo.adapters:
+        w = dm.get_parameter(key[len("diffusion_model."):]).detach().float()
+        ref = _lycoris_delta(sd, key[:-len(".weight")], kind).float().reshape(w.shape)
+        patched = comfy.lora.calculate_weight(loaded.patches[key], w.clone(), key)
+        torch.testing.assert_close(patched - w, ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lo.delta(key), ref, rtol=1e-4, atol=1e-6)       # what training used
+        torch.testing.assert_close(formats.dense(parsed.modules[key], sd, resolver), ref, rtol=1e-4, atol=1e-6)
+        moved = max(moved, float(ref.abs().max()))
+    assert moved > 1e-4                                    # the adapter was trained (all start at a zero delta)

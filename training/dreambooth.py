@@ -1,6 +1,7 @@
 """DreamBooth with LoRA (Ruiz et al. 2023; LoRA: Hu et al. 2022): the instance images under a prompt with a
 rare identifier, plus prior preservation -- the model's own samples of the class prompt trained under the
-class prompt with weight `prior_weight` -- on LoRA factors of every attention projection of the UNet/DiT."""
+class prompt with weight `prior_weight` -- on LoRA (or LoHa / LoKr) factors of every attention projection of the
+UNet/DiT."""
 from __future__ import annotations
 
 from typing import Optional
@@ -22,9 +23,11 @@ def examples(instance_latents: torch.Tensor, class_latents: Optional[torch.Tenso
 
 def train(model, instance_latents, instance_cond, settings: loop.Settings, rank: int = 4,
           class_latents=None, class_cond=None, prior_weight: float = 1.0, checkpoint_path: Optional[str] = None,
-          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None, preview=None):
-    """(TrainableLora, loop.Result). Latents in sampler space, (N, C, H, W)."""
-    lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=rank, seed=settings.seed)
+          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None, preview=None,
+          adapter: str = "lora"):
+    """(TrainableLora, loop.Result). Latents in sampler space, (N, C, H, W). adapter: lora | loha | lokr (ComfyUI's
+    weight-adapter formats; rank is LoKr's factor)."""
+    lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=rank, seed=settings.seed, kind=adapter)
     conds = {INSTANCE: instance_cond}
     if class_latents is not None and prior_weight > 0:
         conds[CLASS] = class_cond

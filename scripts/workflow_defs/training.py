@@ -40,7 +40,7 @@ def dreambooth_lora(family="sd15"):
     tr = b.add("EditKitDreamBoothLoRATrain", title="DreamBooth LoRA Train",
                toy={"inputs": {"class_images": 2, "class_steps": 2, "preview_every": 6}},
                instance_prompt="a photo of sks dog", identifier="sks", class_prompt="a photo of dog",
-               name="editkit_dreambooth", steps=500, learning_rate=1e-4, rank=4, batch_size=1,
+               name="editkit_dreambooth", steps=500, learning_rate=1e-4, rank=4, adapter="lora", batch_size=1,
                prior_loss_weight=1.0, class_images=100, class_steps=30, seed=0, preview_every=100, resume=False)
     b.connect(ld.out("model"), tr, "model")
     b.connect(ld.out("clip"), tr, "clip")
