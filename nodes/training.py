@@ -127,6 +127,13 @@ class DreamBoothLoRATrain(EditKitNode):
                                        "low-rank pairs (LyCORIS LoHa, rank up to rank^2 with the same size); lokr = "
                                        "Kronecker product of two small factors (LyCORIS LoKr)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also train adapters (same format and rank) on the text encoder's attention "
+                                         "and MLP weights, saved under the lora_te_ keys core Load LoRA applies to "
+                                         "the CLIP; use the clip output to encode prompts."),
+                io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate of the text-encoder adapters (used when "
+                                       "train_text_encoder is on; DreamBooth-LoRA: 5e-5)."),
                 io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Weight of the class-image loss (0: no prior preservation)."),
                 io.Int.Input("class_images", default=100, min=0, max=1000,
@@ -141,6 +148,9 @@ class DreamBoothLoRATrain(EditKitNode):
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA loaded (as Load LoRA would)."),
                 io.String.Output(display_name="lora_name", tooltip="The LoRA file's name as Load LoRA lists it."),
                 io.String.Output(display_name="report", tooltip="Steps, loss at the start and the end, file written."),
+                io.Clip.Output(display_name="clip", tooltip="The CLIP with the trained text-encoder adapters loaded "
+                                                            "(as Load LoRA would); the input CLIP when "
+                                                            "train_text_encoder is off."),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -149,13 +159,15 @@ class DreamBoothLoRATrain(EditKitNode):
     @classmethod
     def execute(cls, model, clip, latent, instance_prompt, identifier, class_prompt, name, steps, learning_rate,
                 rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume,
-                preview_every=0, adapter="lora") -> io.NodeOutput:
+                preview_every=0, adapter="lora", train_text_encoder=False, text_encoder_lr=5e-5) -> io.NodeOutput:
         from ..lora import st_io
         from ..training import dreambooth, loop, paths, prior
         node = DB_NODE
         settings = _settings(node, steps, learning_rate, batch_size, seed)
         require(adapter in ("lora", "loha", "lokr"), node, "adapter", f"{adapter!r} is not lora, loha or lokr",
                 "pick one from the list")
+        require(not train_text_encoder or text_encoder_lr > 0, node, "text_encoder_lr", f"{text_encoder_lr} is not > 0",
+                "use e.g. 5e-5, or turn train_text_encoder off")
         ident = (identifier or "").strip()
         require(bool(ident), node, "identifier", "the identifier is empty", "use a rare token such as sks")
         require(ident in (instance_prompt or "").split(), node, "instance_prompt",
@@ -179,20 +191,27 @@ class DreamBoothLoRATrain(EditKitNode):
             lo, res = dreambooth.train(model, x0, inst, settings, rank, cls_lat, cls_cond, prior_loss_weight,
                                        checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
                                        node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
-                                       preview=_preview(node, preview_every, clip, seed), adapter=adapter)
+                                       preview=_preview(node, preview_every, clip, seed), adapter=adapter,
+                                       text_encoder=(clip, instance_prompt, class_prompt, text_encoder_lr)
+                                       if train_text_encoder else None)
         except loop.TrainingInterrupted as e:
             _interrupted(e, node)
         sd = lo.state_dict()
+        if lo.text_encoder is not None:
+            sd.update(lo.text_encoder.state_dict())
         st_io.save(sd, path, {"editkit_training": "dreambooth_lora", "instance_prompt": instance_prompt,
                               "class_prompt": class_prompt if use_prior else "", "steps": str(steps),
-                              "rank": str(rank), "adapter": adapter, "learning_rate": str(learning_rate)})
+                              "rank": str(rank), "adapter": adapter, "learning_rate": str(learning_rate),
+                              "text_encoder_lr": str(text_encoder_lr) if train_text_encoder else ""})
         if os.path.exists(ckpt):
             os.remove(ckpt)
         from ..training import lora as TL
-        out_model, _ = TL.apply_saved(model, None, sd, 1.0, 0.0)
+        te = lo.text_encoder is not None
+        out_model, out_clip = TL.apply_saved(model, clip if te else None, sd, 1.0, 1.0 if te else 0.0)
         text = (_loss_text(res, steps) + f"\nclass images: {class_images if use_prior else 0}"
-                + (" (cached)" if hit else "") + f"\nsaved models/loras/{lora_name}")
-        return io.NodeOutput(out_model, lora_name, text, ui=feedback.show(cls, text=text))
+                + (" (cached)" if hit else "") + f"\nsaved models/loras/{lora_name} ({adapter}"
+                + (f", UNet + text encoder: {len(lo.text_encoder.lora.adapters)} CLIP weights" if te else "") + ")")
+        return io.NodeOutput(out_model, lora_name, text, out_clip if te else clip, ui=feedback.show(cls, text=text))
 
 
 TI_NODE = "EditKitTextualInversionTrain"
@@ -371,7 +390,7 @@ class CustomDiffusionTrain(EditKitNode):
                                            cls_cond, prior_loss_weight, checkpoint_path=ckpt,
                                            resume=ckpt if resume and os.path.exists(ckpt) else None,
                                            node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
-                                           preview=_preview(node, preview_every, clip, seed), adapter=adapter)
+                                           preview=_preview(node, preview_every, clip, seed))
         except TI.CaptionError as e:
             raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
         except loop.TrainingInterrupted as e:

@@ -223,3 +223,36 @@ def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_de
         torch.testing.assert_close(formats.dense(parsed.modules[key], sd, resolver), ref, rtol=1e-4, atol=1e-6)
         moved = max(moved, float(ref.abs().max()))
     assert moved > 1e-4                                    # the adapter was trained (all start at a zero delta)
+
+
+def test_dreambooth_text_encoder_lora_loads_on_the_clip_through_core_loader(tiny_eps, tiny_clip, encode):
+    """train_text_encoder: after a few steps the saved file holds lora_te_* keys; core's loader
+    (comfy.sd.load_lora_for_models, what Load LoRA calls) applies them to the CLIP, which then encodes the
+    caption differently, and changes a chosen layer's weight by exactly alpha / rank * up @ down of the saved
+    tensors. The user's CLIP is untouched."""
+    import comfy.lora
+
+    from editkit.training import dreambooth
+    caption = "a photo of sks circle"
+    before = encode(caption)[0][0].clone()
+    lat = torch.randn(2, 4, 8, 8, generator=_gen(3)) * 0.8
+    lo, res = dreambooth.train(tiny_eps, lat, encode(caption), T.Settings(steps=3, learning_rate=1e-2, seed=1),
+                               rank=4, stop=lambda: False, text_encoder=(tiny_clip, caption, "", 1e-2))
+    te = lo.text_encoder
+    assert te is not None and len(res.losses) == 3
+    te_sd = te.state_dict()
+    assert te_sd and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te_sd)
+    sd = dict(lo.state_dict(), **te_sd)
+    _, loaded_clip = TL.apply_saved(tiny_eps, tiny_clip, sd, 1.0, 1.0)
+    assert set(loaded_clip.patcher.patches) == set(te.lora.adapters)      # every trained TE weight, on the CLIP
+    key = "clip_l.transformer.text_model.encoder.layers.1.self_attn.v_proj.weight"
+    n = "lora_te_text_model_encoder_layers_1_self_attn_v_proj"
+    w = tiny_clip.cond_stage_model.get_parameter(key).detach().float()
+    patched = comfy.lora.calculate_weight(loaded_clip.patcher.patches[key], w.clone(), key)
+    up, down = sd[f"{n}.lora_up.weight"].double(), sd[f"{n}.lora_down.weight"].double()
+    ref = (float(sd[f"{n}.alpha"]) / down.shape[0] * up @ down).float()
+    assert float(ref.abs().max()) > 1e-4                                  # the TE LoRA was trained
+    torch.testing.assert_close(patched - w, ref, rtol=1e-4, atol=1e-6)
+    after = tiny.encode(loaded_clip, caption)[0][0]
+    assert (after - before).abs().max() > 1e-4                            # the CLIP's output for the caption changed
+    torch.testing.assert_close(encode(caption)[0][0], before)             # the user's CLIP did not

@@ -85,9 +85,11 @@ class Optimizer:
     (its loss divided by the number of micro-batches) between zero_grad() and step()."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), weight_decay: float = 1e-2, ema_decay: float = 0.0,
-                 ema_warmup: bool = False, clip_norm: Optional[float] = None, steps: int = 0):
-        self.params = list(params)
-        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+                 ema_warmup: bool = False, clip_norm: Optional[float] = None, steps: int = 0, groups=()):
+        """groups: further (parameters, learning rate) groups (e.g. a text encoder's LoRA at its own rate)."""
+        self.params = list(params) + [p for g, _ in groups for p in g]
+        self.opt = torch.optim.AdamW([{"params": list(params)}] + [{"params": list(g), "lr": float(r)} for g, r in groups],
+                                     lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         self.ema = EMA(self.params, ema_decay, ema_warmup) if ema_decay > 0 else None
         self.clip_norm, self.steps = clip_norm, int(steps)
 
@@ -206,7 +208,7 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
           checkpoint_path: Optional[str] = None, resume: Optional[str] = None,
           on_step: Optional[Callable[[int, float], None]] = None,
           stop: Optional[Callable[[], bool]] = None, node_id: Optional[str] = None,
-          preview: Optional[Preview] = None) -> Result:
+          preview: Optional[Preview] = None, groups=()) -> Result:
     """Optimize `params` to minimize the diffusion loss of `model` (+ installed wrappers) on `examples`.
 
     conds: named CONDITIONINGs (each example names one). install(clone): adds the trainable weight
@@ -214,12 +216,16 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
     that condition's own (textual inversion). stop(): checked before every step (default: ComfyUI's
     interrupt); when it fires the state is saved to checkpoint_path and TrainingInterrupted raised.
     resume: a checkpoint written by an interrupted run with the same settings; the run continues exactly
-    where it stopped (same batches, same optimizer state). preview: a sample every N steps (Preview)."""
+    where it stopped (same batches, same optimizer state). preview: a sample every N steps (Preview).
+    groups: further (parameters, learning rate) groups trained with `params`."""
     if not examples:
         raise ValueError("no training examples")
     shape = tuple(examples[0].latent.shape)
     stop = stop or _default_stop
-    fingerprint = _fingerprint(params, settings, len(examples))
+    groups = [(list(g), float(r)) for g, r in groups]
+    fingerprint = _fingerprint(list(params) + [p for g, _ in groups for p in g], settings, len(examples))
+    if groups:
+        fingerprint["group_lrs"] = [r for _, r in groups]
     # DiT blocks and CLIP text encoders update tensors in place: autograd keeps copies (core/gradients.autograd)
     copy_saved = architecture(model) != "unet" or context is not None
     result = Result()
@@ -228,19 +234,20 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
     def program(env):
         ms = env.model_sampling
         gen = torch.Generator().manual_seed(int(settings.seed))
-        optim = Optimizer(params, settings.learning_rate, settings.betas, settings.weight_decay, settings.ema_decay)
-        opt, ema = optim.opt, optim.ema
+        optim = Optimizer(params, settings.learning_rate, settings.betas, settings.weight_decay, settings.ema_decay,
+                          groups=groups)
+        opt, ema, every_param = optim.opt, optim.ema, optim.params
         start, losses = 0, []
         if resume:
             ck = load_checkpoint(resume)
             if ck.get("fingerprint") != fingerprint:
                 raise ValueError("the checkpoint was written by a run with other settings or parameters")
             with torch.no_grad():
-                for p, v in zip(params, ck["params"]):
+                for p, v in zip(every_param, ck["params"]):
                     p.copy_(v.to(p.device, p.dtype))
             opt.load_state_dict(ck["optimizer"])
             if ema is not None and ck["ema"] is not None:
-                ema.shadow = [s.to(p.device) for s, p in zip(ck["ema"], params)]
+                ema.shadow = [s.to(p.device) for s, p in zip(ck["ema"], every_param)]
             gen.set_state(ck["generator"])
             start, losses = int(ck["step"]), list(ck["losses"])
             optim.steps = start
@@ -256,7 +263,7 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
             if stop():
                 path = None
                 if checkpoint_path:
-                    path = save_checkpoint(checkpoint_path, step, params, opt, ema, gen, losses, fingerprint)
+                    path = save_checkpoint(checkpoint_path, step, every_param, opt, ema, gen, losses, fingerprint)
                 raise TrainingInterrupted(path, step)
             optim.zero_grad()
             step_loss = 0.0
@@ -288,7 +295,7 @@ def train(model, conds: dict, examples: list[Example], params: list[torch.nn.Par
             if on_step is not None:
                 on_step(step + 1, step_loss)
         if ema is not None:
-            ema.copy_to(params)
+            ema.copy_to(every_param)
         result.losses, result.steps = losses, settings.steps
 
     if preview is not None and preview.every > 0 and preview.negative is not None:

@@ -83,6 +83,7 @@ class TrainableLora:
         self.alpha = float(rank if alpha is None else alpha)
         self.file_key = file_key or (lambda k: k[:-len(".weight")] if k.endswith(".weight") else k)
         self.adapters, self.shapes = {}, {}
+        self.text_encoder = None        # the text encoder's adapters trained with these (DreamBooth), if any
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             for key in keys:

@@ -41,11 +41,11 @@ def dreambooth_lora(family="sd15"):
                toy={"inputs": {"class_images": 2, "class_steps": 2, "preview_every": 6}},
                instance_prompt="a photo of sks dog", identifier="sks", class_prompt="a photo of dog",
                name="editkit_dreambooth", steps=500, learning_rate=1e-4, rank=4, adapter="lora", batch_size=1,
-               prior_loss_weight=1.0, class_images=100, class_steps=30, seed=0, preview_every=100, resume=False)
+               train_text_encoder=False, text_encoder_lr=5e-5, prior_loss_weight=1.0, class_images=100, class_steps=30, seed=0, preview_every=100, resume=False)
     b.connect(ld.out("model"), tr, "model")
     b.connect(ld.out("clip"), tr, "clip")
     b.connect(enc.out(0), tr, "latent")
-    pos = text(b, ld.out("clip"), "a photo of sks dog in the snow", "Prompt with the identifier")
+    pos = text(b, tr.out(3), "a photo of sks dog in the snow", "Prompt with the identifier (the trained CLIP)")
     neg = text(b, ld.out("clip"), "", "Negative prompt")
     ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
     b.connect(tr.out(0), ks, "model")
