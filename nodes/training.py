@@ -100,9 +100,11 @@ class DreamBoothLoRATrain(EditKitNode):
             category="EditKit/training",
             description="DreamBooth (Ruiz et al. 2023) with LoRA: learn a subject from a few images under a prompt "
                         "with a rare identifier (\"a photo of sks dog\"), with prior preservation on class images "
-                        "the model itself generates (cached). Trains LoRA factors of every attention projection on a "
-                        "gradient clone (your model is untouched), writes models/loras/<name>.safetensors in "
-                        "ComfyUI's LoRA format (core Load LoRA loads it) and returns the model with it loaded. "
+                        "the model itself generates (cached). Trains LoRA, LoHa or LoKr factors of every attention "
+                        "projection (optionally also of the text encoder) on gradient clones (your model and CLIP are "
+                        "untouched), writes models/loras/<name>.safetensors in ComfyUI's own adapter format (core "
+                        "Load LoRA loads it) and returns the model and CLIP with it loaded. A preview sample every "
+                        "preview_every steps shows on the progress bar. "
                         "Interrupting saves a checkpoint that resume continues from.",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's model to personalize (not changed)."),
@@ -168,6 +170,8 @@ class DreamBoothLoRATrain(EditKitNode):
                 "pick one from the list")
         require(not train_text_encoder or text_encoder_lr > 0, node, "text_encoder_lr", f"{text_encoder_lr} is not > 0",
                 "use e.g. 5e-5, or turn train_text_encoder off")
+        require(not train_text_encoder or bool(dreambooth.text_encoder_keys(clip)), node, "train_text_encoder",
+                "this CLIP has no text-encoder weights core's LoRA loader maps", "turn train_text_encoder off")
         ident = (identifier or "").strip()
         require(bool(ident), node, "identifier", "the identifier is empty", "use a rare token such as sks")
         require(ident in (instance_prompt or "").split(), node, "instance_prompt",
