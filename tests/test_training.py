@@ -190,7 +190,7 @@ def _lycoris_delta(sd: dict, n: str, kind: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
-def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_delta(tiny_eps, encode, tmp_path, kind):
+def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_delta(tiny_any, encode, tmp_path, kind):
     """DreamBooth with adapter lora / loha / lokr: the saved file, loaded from disk by core's loader
     (comfy.sd.load_lora_for_models, what Load LoRA calls), changes every trained weight by exactly the delta the
     LyCORIS formula gives from the saved tensors; EditKit's LoRA reader (lora/formats, used by the merge nodes)
@@ -201,18 +201,18 @@ def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_de
     from editkit.lora import formats, st_io
     from editkit.training import dreambooth
     lat = torch.randn(2, 4, 8, 8, generator=_gen(3)) * 0.8
-    lo, res = dreambooth.train(tiny_eps, lat, encode("a photo of sks circle"),
+    lo, res = dreambooth.train(tiny_any, lat, encode("a photo of sks circle"),
                                T.Settings(steps=3, learning_rate=1e-2, seed=1), rank=4, stop=lambda: False, adapter=kind)
     assert lo.kind == kind and len(res.losses) == 3
     path = str(tmp_path / f"{kind}.safetensors")
     st_io.save(lo.state_dict(), path, {})
     sd = comfy.utils.load_torch_file(path, safe_load=True)
-    loaded, _ = TL.apply_saved(tiny_eps, None, sd, 1.0, 0.0)
+    loaded, _ = TL.apply_saved(tiny_any, None, sd, 1.0, 0.0)
     assert set(loaded.patches) == set(lo.adapters)
-    resolver = formats.KeyResolver(tiny_eps)
+    resolver = formats.KeyResolver(tiny_any)
     parsed = formats.parse(sd, resolver, kind)
     assert {m.kind for m in parsed.modules.values()} == {kind} and len(parsed.modules) == len(lo.adapters)
-    dm = tiny_eps.model.diffusion_model
+    dm = tiny_any.model.diffusion_model
     moved = 0.0
     for key in lo.adapters:
         w = dm.get_parameter(key[len("diffusion_model."):]).detach().float()
@@ -256,3 +256,28 @@ def test_dreambooth_text_encoder_lora_loads_on_the_clip_through_core_loader(tiny
     after = tiny.encode(loaded_clip, caption)[0][0]
     assert (after - before).abs().max() > 1e-4                            # the CLIP's output for the caption changed
     torch.testing.assert_close(encode(caption)[0][0], before)             # the user's CLIP did not
+
+
+def test_text_encoder_file_keys_are_the_kohya_names_core_maps_back():
+    """One encoder (SD1): lora_te_*; two (SDXL's clip_l + clip_g): lora_te1_* / lora_te2_*; each maps back to its
+    weight through ComfyUI's own CLIP key map (what Load LoRA uses)."""
+    import types
+
+    import comfy.lora
+
+    from editkit.training import dreambooth
+    layer = "transformer.text_model.encoder.layers.{}.self_attn.{}.weight"
+
+    def fake_clip(encoders):
+        keys = [f"{e}.{layer.format(i, p)}" for e in encoders for i in range(2) for p in ("q_proj", "out_proj")]
+        model = types.SimpleNamespace(state_dict=lambda: {k: torch.zeros(1) for k in keys})
+        return types.SimpleNamespace(cond_stage_model=model), keys
+
+    for encoders, prefixes in ((["clip_l"], {"clip_l": "lora_te_"}),
+                               (["clip_l", "clip_g"], {"clip_l": "lora_te1_", "clip_g": "lora_te2_"})):
+        clip, keys = fake_clip(encoders)
+        got = dreambooth.text_encoder_keys(clip)
+        assert set(got) == set(keys)
+        back = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        for patch_key, file_key in got.items():
+            assert file_key.startswith(prefixes[patch_key.split(".")[0]]) and back[file_key] == patch_key
