@@ -23,7 +23,12 @@ class StepProgress:
     def update(self, n: int = 1, x0=None) -> None:
         """Advance by n; x0 (the current clean-latent estimate, sampler space) becomes the preview."""
         check_interrupt()
-        self.done = min(self.done + n, self.total)
+        self.show(self.done + n, x0)
+
+    def show(self, done: int, x0=None) -> None:
+        """Set the bar to `done` (no interrupt check: loops that checkpoint on interrupt check themselves);
+        x0 (sampler space) becomes the preview image when given."""
+        self.done = min(int(done), self.total)
         preview = None
         if self.previewer is not None and x0 is not None and not getattr(x0, "is_nested", False):
             preview = self.previewer.decode_latent_to_preview_image("JPEG", x0.float())

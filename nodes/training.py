@@ -22,6 +22,26 @@ def _resume_input():
                             tooltip="Continue from the checkpoint an interrupted run with the same settings left.")
 
 
+PREVIEW_STEPS, PREVIEW_CFG = 8, 5.0
+
+
+def _preview_input():
+    return io.Int.Input("preview_every", default=100, min=0, max=100000,
+                        tooltip=f"Every N steps, sample a small preview with the current weights ({PREVIEW_STEPS} "
+                                f"steps, CFG {PREVIEW_CFG:g}, fixed seed) and show it on the progress bar "
+                                "(needs a preview method in ComfyUI's settings). 0: off.")
+
+
+def _preview(node, every, clip, seed):
+    """The training core's Preview for a node's preview_every (None when off)."""
+    from ..training import loop
+    require(every >= 0, node, "preview_every", f"{every} is negative", "use 0 (off) or a step count such as 100")
+    if not every:
+        return None
+    return loop.Preview(every=int(every), steps=PREVIEW_STEPS, seed=int(seed), cfg=PREVIEW_CFG,
+                        negative=clip.encode_from_tokens_scheduled(clip.tokenize("")))
+
+
 def _settings(node, steps, learning_rate, batch_size, seed, grad_accumulation=1, weight_decay=1e-2):
     from ..training import loop
     require(learning_rate > 0, node, "learning_rate", f"{learning_rate} is not > 0", "use e.g. 1e-4")
@@ -80,9 +100,11 @@ class DreamBoothLoRATrain(EditKitNode):
             category="EditKit/training",
             description="DreamBooth (Ruiz et al. 2023) with LoRA: learn a subject from a few images under a prompt "
                         "with a rare identifier (\"a photo of sks dog\"), with prior preservation on class images "
-                        "the model itself generates (cached). Trains LoRA factors of every attention projection on a "
-                        "gradient clone (your model is untouched), writes models/loras/<name>.safetensors in "
-                        "ComfyUI's LoRA format (core Load LoRA loads it) and returns the model with it loaded. "
+                        "the model itself generates (cached). Trains LoRA, LoHa or LoKr factors of every attention "
+                        "projection (optionally also of the text encoder) on gradient clones (your model and CLIP are "
+                        "untouched), writes models/loras/<name>.safetensors in ComfyUI's own adapter format (core "
+                        "Load LoRA loads it) and returns the model and CLIP with it loaded. A preview sample every "
+                        "preview_every steps shows on the progress bar. "
                         "Interrupting saves a checkpoint that resume continues from.",
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's model to personalize (not changed)."),
@@ -99,8 +121,21 @@ class DreamBoothLoRATrain(EditKitNode):
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate (LoRA DreamBooth: 1e-4)."),
-                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank."),
+                io.Int.Input("rank", default=4, min=1, max=128,
+                             tooltip="Rank of the LoRA / LoHa factors; for LoKr the Kronecker factor size."),
+                io.Combo.Input("adapter", options=["lora", "loha", "lokr"], default="lora",
+                               tooltip="Adapter format (ComfyUI's own weight adapters; core Load LoRA and EditKit's "
+                                       "merge nodes read all three): lora = up @ down; loha = Hadamard product of two "
+                                       "low-rank pairs (LyCORIS LoHa, rank up to rank^2 with the same size); lokr = "
+                                       "Kronecker product of two small factors (LyCORIS LoKr)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also train adapters (same format and rank) on the text encoder's attention "
+                                         "and MLP weights, saved under the lora_te_ keys core Load LoRA applies to "
+                                         "the CLIP; use the clip output to encode prompts."),
+                io.Float.Input("text_encoder_lr", default=5e-5, min=0.0, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate of the text-encoder adapters (used when "
+                                       "train_text_encoder is on; DreamBooth-LoRA: 5e-5)."),
                 io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Weight of the class-image loss (0: no prior preservation)."),
                 io.Int.Input("class_images", default=100, min=0, max=1000,
@@ -108,12 +143,16 @@ class DreamBoothLoRATrain(EditKitNode):
                 io.Int.Input("class_steps", default=30, min=1, max=200,
                              tooltip="Sampling steps of each class image."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches, noise and init."),
+                _preview_input(),
                 _resume_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA loaded (as Load LoRA would)."),
                 io.String.Output(display_name="lora_name", tooltip="The LoRA file's name as Load LoRA lists it."),
                 io.String.Output(display_name="report", tooltip="Steps, loss at the start and the end, file written."),
+                io.Clip.Output(display_name="clip", tooltip="The CLIP with the trained text-encoder adapters loaded "
+                                                            "(as Load LoRA would); the input CLIP when "
+                                                            "train_text_encoder is off."),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -121,11 +160,18 @@ class DreamBoothLoRATrain(EditKitNode):
 
     @classmethod
     def execute(cls, model, clip, latent, instance_prompt, identifier, class_prompt, name, steps, learning_rate,
-                rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume) -> io.NodeOutput:
+                rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume,
+                preview_every=0, adapter="lora", train_text_encoder=False, text_encoder_lr=5e-5) -> io.NodeOutput:
         from ..lora import st_io
         from ..training import dreambooth, loop, paths, prior
         node = DB_NODE
         settings = _settings(node, steps, learning_rate, batch_size, seed)
+        require(adapter in ("lora", "loha", "lokr"), node, "adapter", f"{adapter!r} is not lora, loha or lokr",
+                "pick one from the list")
+        require(not train_text_encoder or text_encoder_lr > 0, node, "text_encoder_lr", f"{text_encoder_lr} is not > 0",
+                "use e.g. 5e-5, or turn train_text_encoder off")
+        require(not train_text_encoder or bool(dreambooth.text_encoder_keys(clip)), node, "train_text_encoder",
+                "this CLIP has no text-encoder weights core's LoRA loader maps", "turn train_text_encoder off")
         ident = (identifier or "").strip()
         require(bool(ident), node, "identifier", "the identifier is empty", "use a rare token such as sks")
         require(ident in (instance_prompt or "").split(), node, "instance_prompt",
@@ -148,20 +194,28 @@ class DreamBoothLoRATrain(EditKitNode):
         try:
             lo, res = dreambooth.train(model, x0, inst, settings, rank, cls_lat, cls_cond, prior_loss_weight,
                                        checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
-                                       node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+                                       node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
+                                       preview=_preview(node, preview_every, clip, seed), adapter=adapter,
+                                       text_encoder=(clip, instance_prompt, class_prompt, text_encoder_lr)
+                                       if train_text_encoder else None)
         except loop.TrainingInterrupted as e:
             _interrupted(e, node)
         sd = lo.state_dict()
+        if lo.text_encoder is not None:
+            sd.update(lo.text_encoder.state_dict())
         st_io.save(sd, path, {"editkit_training": "dreambooth_lora", "instance_prompt": instance_prompt,
                               "class_prompt": class_prompt if use_prior else "", "steps": str(steps),
-                              "rank": str(rank), "learning_rate": str(learning_rate)})
+                              "rank": str(rank), "adapter": adapter, "learning_rate": str(learning_rate),
+                              "text_encoder_lr": str(text_encoder_lr) if train_text_encoder else ""})
         if os.path.exists(ckpt):
             os.remove(ckpt)
         from ..training import lora as TL
-        out_model, _ = TL.apply_saved(model, None, sd, 1.0, 0.0)
+        te = lo.text_encoder is not None
+        out_model, out_clip = TL.apply_saved(model, clip if te else None, sd, 1.0, 1.0 if te else 0.0)
         text = (_loss_text(res, steps) + f"\nclass images: {class_images if use_prior else 0}"
-                + (" (cached)" if hit else "") + f"\nsaved models/loras/{lora_name}")
-        return io.NodeOutput(out_model, lora_name, text, ui=feedback.show(cls, text=text))
+                + (" (cached)" if hit else "") + f"\nsaved models/loras/{lora_name} ({adapter}"
+                + (f", UNet + text encoder: {len(lo.text_encoder.lora.adapters)} CLIP weights" if te else "") + ")")
+        return io.NodeOutput(out_model, lora_name, text, out_clip if te else clip, ui=feedback.show(cls, text=text))
 
 
 TI_NODE = "EditKitTextualInversionTrain"
@@ -208,6 +262,7 @@ class TextualInversionTrain(EditKitNode):
                                tooltip="AdamW learning rate (paper: 5e-3)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
+                _preview_input(),
                 _resume_input(),
             ],
             outputs=[
@@ -220,7 +275,7 @@ class TextualInversionTrain(EditKitNode):
 
     @classmethod
     def execute(cls, model, clip, latent, captions, placeholder, init_word, name, num_vectors, steps,
-                learning_rate, batch_size, seed, resume) -> io.NodeOutput:
+                learning_rate, batch_size, seed, resume, preview_every=0) -> io.NodeOutput:
         from ..lora import st_io
         from ..training import loop, paths
         from ..training import textual_inversion as TI
@@ -237,7 +292,8 @@ class TextualInversionTrain(EditKitNode):
         try:
             vectors, res = TI.train(model, clip, x0, caps, ph, (init_word or "").strip(), settings, int(num_vectors),
                                     checkpoint_path=ckpt, resume=ckpt if resume and os.path.exists(ckpt) else None,
-                                    node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+                                    node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
+                                    preview=_preview(node, preview_every, clip, seed))
         except TI.CaptionError as e:
             raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
         except loop.TrainingInterrupted as e:
@@ -291,6 +347,7 @@ class CustomDiffusionTrain(EditKitNode):
                              tooltip="How many class images the model generates for the prior (cached)."),
                 io.Int.Input("class_steps", default=30, min=1, max=200, tooltip="Sampling steps of each class image."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed of batches and noise."),
+                _preview_input(),
                 _resume_input(),
             ],
             outputs=[
@@ -305,7 +362,8 @@ class CustomDiffusionTrain(EditKitNode):
 
     @classmethod
     def execute(cls, model, clip, latent, captions, placeholder, init_word, class_prompt, name, steps,
-                learning_rate, batch_size, prior_loss_weight, class_images, class_steps, seed, resume) -> io.NodeOutput:
+                learning_rate, batch_size, prior_loss_weight, class_images, class_steps, seed, resume,
+                preview_every=0) -> io.NodeOutput:
         from ..lora import st_io
         from ..training import custom_diffusion as CD
         from ..training import lora as TL
@@ -335,7 +393,8 @@ class CustomDiffusionTrain(EditKitNode):
             concept, diffs, res = CD.train(model, clip, x0, caps, ph, (init_word or "").strip(), settings, cls_lat,
                                            cls_cond, prior_loss_weight, checkpoint_path=ckpt,
                                            resume=ckpt if resume and os.path.exists(ckpt) else None,
-                                           node_id=getattr(getattr(cls, "hidden", None), "unique_id", None))
+                                           node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
+                                           preview=_preview(node, preview_every, clip, seed))
         except TI.CaptionError as e:
             raise EditKitInputError(node, e.input_name, e.problem, e.fix) from None
         except loop.TrainingInterrupted as e:

@@ -9,7 +9,9 @@ Phases (each skipped when done, each resumable from its last checkpoint):
            per-channel shift and scale so UNet latents have zero mean and unit variance; a linear
            latent -> RGB map for ComfyUI's live previews.
   unet     UNet + CLIP text encoder jointly, EPS objective on the SD1 discrete schedule, min-SNR-5
-           weighting, 10 % caption dropout (for CFG), EMA of both, bf16 autocast where native.
+           weighting, 10 % caption dropout (for CFG), EMA of both, bf16 autocast where native. The loss
+           (training/objective.py) and AdamW + clipping + EMA (training/loop.Optimizer) are the training
+           core's; `unet` and `weak` share one loop (train_diffusion).
   export   EMA weights -> models/toy/toy.safetensors (fp16, configs and latent stats in the metadata).
   eval     load through builtin_models.toy.load_toy and measure txt2img accuracy with the checker.
   weak     AutoGuidance's weak model: a smaller UNet (model_channels 32) trained briefly (500 steps) on the
@@ -390,41 +392,118 @@ def training_data(a, stats):
     return (lat - shift) * stats["scale"], [world.sample_scene(s, split="train").caption for s in seeds]
 
 
-def noise_schedule(model):
-    """alphas_cumprod of the model's (SD1 discrete) schedule and the SNR per timestep."""
-    ms = model.model.model_sampling
-    alphas = 1.0 / (1.0 + ms.sigmas.float() ** 2)
-    return alphas, alphas / (1 - alphas)
-
-
-def diffusion_batch(g, x0_all, captions, alphas, snr, batch, cfg_dropout):
-    """One EPS training batch drawn from generator g (always in this order, so resumed runs see the same data):
-    noised latents, timesteps, target noise, min-SNR-5 loss weights and captions ('' with prob. cfg_dropout)."""
+def diffusion_batch(g, x0_all, captions, ms, batch, cfg_dropout):
+    """One training batch drawn from generator g (always in this order, so resumed runs see the same data):
+    clean latents, noise levels from the model's training schedule (training.objective), unit noise and
+    captions ('' with prob. cfg_dropout, for CFG)."""
     import torch
+
+    from editkit.training import objective
     idx = torch.randint(0, len(x0_all), (batch,), generator=g)
     x0 = x0_all[idx]
     texts = ["" if torch.rand((), generator=g).item() < cfg_dropout else captions[i] for i in idx.tolist()]
-    t = torch.randint(0, len(alphas), (batch,), generator=g)
+    sigma = objective.sample_sigmas(ms, batch, g)
     eps = torch.randn(x0.shape, generator=g)
-    ac = alphas[t].view(-1, 1, 1, 1)
-    xt = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
-    w = torch.clamp(snr[t], max=5.0) / snr[t]           # min-SNR-5 for eps prediction
-    return xt, t, eps, w, texts
+    return x0, sigma, eps, texts
 
 
-def ema_update(pairs, step, ema_max):
-    """EMA of each (live state dict, EMA state dict) pair, with the usual warm-up of the decay."""
+def diffusion_loss(unet, ms, x0, sigma, eps, ctx, autocast=None):
+    """(min-SNR-5 weighted loss, per-row unweighted loss) of the raw network on one batch: the training core's
+    objective (noisy latent, network input, target and weights from the model's own model_sampling)."""
+    from editkit.training import objective
+    x_t = objective.noisy_latent(ms, x0, eps, sigma)
+    inp, t = objective.network_input(ms, x_t, sigma)
+    with (autocast or host_autocast)():
+        pred = unet(inp, timesteps=t.float(), context=ctx).float()
+    rows = objective.mse_rows(pred, objective.target(ms, x_t, x0, sigma))
+    return (objective.min_snr_weight(ms, sigma, 5.0) * rows).mean(), rows
+
+
+def float_state(module):
+    """(keys, tensors) of the module's floating-point state (what the EMA averages and the export writes)."""
+    sd = module.state_dict()
+    keys = [k for k, v in sd.items() if v.is_floating_point()]
+    return keys, [sd[k] for k in keys]
+
+
+def train_diffusion(model, modules, context, x0_all, captions, *, steps, batch, lr, ema, warmup, cfg_dropout,
+                    stream, ckpt=None, ckpt_extra=None, check_ckpt=None, name="unet", log_every=50, a=None,
+                    on_step=None, on_ckpt=None, autocast=None):
+    """The one training loop of the toy UNet (with its text encoder) and of the weak UNet, on the training core:
+    `modules` [(checkpoint key, EMA key, module)] are trained by training.loop.Optimizer (AdamW betas 0.9/0.99,
+    weight decay 0.01, gradient clipping 1.0, EMA with warm-up); `context(texts)` gives the cross-attention
+    context of a batch's captions. Step s draws its batch from a generator seeded `stream + s`, so a run resumed
+    from `ckpt` (every a.ckpt_every steps) continues with the same data. Returns {EMA key: EMA state dict}."""
+    import numpy as np
     import torch
-    decay = min(ema_max, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for src, ema in pairs:
-            for k, v in src.items():
-                if v.is_floating_point():
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+
+    from editkit.training import loop
+    unet = model.model.diffusion_model
+    ms = model.model.model_sampling
+    params = [p for _, _, m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    states = [(ck, ek, m) + float_state(m) for ck, ek, m in modules]
+    tensors = [t for *_, ts in states for t in ts]
+    optim = loop.Optimizer(params, lr, betas=(0.9, 0.99), weight_decay=0.01, ema_decay=ema, ema_warmup=True,
+                           clip_norm=1.0)
+    optim.ema.shadow = [t.detach().float().clone() for t in tensors]
+
+    def ema_dicts():
+        out, shadow = {}, iter(optim.ema.shadow)
+        for _, ek, m, keys, _ in states:
+            sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+            sd.update({k: next(shadow) for k in keys})
+            out[ek] = sd
+        return out
+
+    step = 0
+    if ckpt and os.path.exists(ckpt):
+        c = torch.load(ckpt, weights_only=False)
+        if check_ckpt is not None:
+            check_ckpt(c)
+        for ck, ek, m, keys, _ in states:
+            m.load_state_dict(c[ck])
+        optim.opt.load_state_dict(c["opt"])
+        optim.ema.shadow = [c[ek][k].float().clone() for _, ek, _, keys, _ in states for k in keys]
+        step = optim.steps = c["step"]
+        log(f"{name}: resumed at step {step}")
+    for _, _, m in modules:
+        m.train()
+    run_start = t_last = time.time()
+    hist = []
+    while step < steps:
+        g = torch.Generator().manual_seed(stream + step)
+        x0, sigma, eps, texts = diffusion_batch(g, x0_all, captions, ms, batch, cfg_dropout)
+        loss, rows = diffusion_loss(unet, ms, x0, sigma, eps, context(texts), autocast)
+        optim.zero_grad()
+        loss.backward()
+        optim.step(lr_at(step, steps, lr, warmup=warmup))
+        step += 1
+        hist.append(rows.mean().item())
+        if a is not None and a.adaptive_threads and (step == 1 or step % 25 == 0):   # early: a busy start costs 15x
+            adapt_threads(a)
+        if step % log_every == 0 or step == steps:
+            now = time.time()
+            log(f"{name} step {step}/{steps} loss {np.mean(hist):.4f} lr {optim.lr:.2e} {(now - t_last) / log_every:.2f}s/step")
+            hist.clear()
+            t_last = now
+        if ckpt and (step % (a.ckpt_every if a is not None else steps) == 0 or step == steps):
+            save_ckpt(ckpt, dict({ck: m.state_dict() for ck, _, m in modules}, opt=optim.opt.state_dict(), step=step,
+                                 **ema_dicts(), **(ckpt_extra or {})))
+            if on_ckpt is not None:
+                on_ckpt(time.time() - run_start)
+            run_start = time.time()
+        if on_step is not None:
+            t0 = time.time()
+            on_step(step, float(loss.detach()), ema_dicts)
+            t_last += time.time() - t0
+    if on_ckpt is not None:
+        on_ckpt(time.time() - run_start)
+    return ema_dicts()
 
 
 def phase_unet(a, st):
-    import numpy as np
     import torch
 
     from editkit.builtin_models import toy
@@ -440,10 +519,6 @@ def phase_unet(a, st):
     te = clip.cond_stage_model.clip_l
     train_init(te, a.seed + 4)
     make_clip_trainable(te)
-    params = list(unet.parameters()) + list(te.transformer.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    alphas, snr = noise_schedule(model)
     cache = {}
 
     def tokens(text):
@@ -451,75 +526,43 @@ def phase_unet(a, st):
             cache[text] = token_ids(clip, text)
         return cache[text]
 
-    opt = torch.optim.AdamW(params, lr=a.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_t = {k: v.detach().clone() for k, v in te.transformer.state_dict().items()}
-    step = 0
-    ck = os.path.join(a.workdir, "unet.pt")
-    if os.path.exists(ck):
-        c = torch.load(ck, weights_only=False)
-        unet.load_state_dict(c["unet"])
-        te.transformer.load_state_dict(c["te"])
-        opt.load_state_dict(c["opt"])
-        ema_u, ema_t, step = c["ema_u"], c["ema_t"], c["step"]
-        log(f"unet: resumed at step {step}")
-    unet.train()
-    te.train()
+    def context(texts):
+        with host_autocast():
+            ctx, _ = te([tokens(s) for s in texts])
+        return ctx.float()
+
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"unet: {n_params / 1e6:.2f}M params, text encoder {sum(p.numel() for p in te.parameters()) / 1e6:.2f}M, {n} latents")
     probe = None
-    run_start = time.time()
-    t_last = time.time()
-    hist = []
-    while step < a.unet_steps:
-        g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        xt, t, eps, w, texts = diffusion_batch(g, x0_all, captions, alphas, snr, a.unet_batch, a.cfg_dropout)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, a.unet_steps, a.unet_lr, warmup=200)
-        with host_autocast():
-            ctx, _ = te([tokens(s) for s in texts])
-            pred = unet(xt, timesteps=t.float(), context=ctx.float()).float()
-        loss_each = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
-        loss = (w * loss_each).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        ema_update(((unet.state_dict(), ema_u), (te.transformer.state_dict(), ema_t)), step, a.ema)
-        hist.append(loss_each.mean().item())
-        if a.adaptive_threads and (step == 1 or step % 25 == 0):   # early: a busy start costs 15x
-            adapt_threads(a)
-        if step % 50 == 0 or step == a.unet_steps:
-            now = time.time()
-            log(f"unet step {step}/{a.unet_steps} loss {np.mean(hist):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{(now - t_last) / 50:.2f}s/step")
-            hist.clear()
-            t_last = now
-        if step % a.ckpt_every == 0 or step == a.unet_steps:
-            save_ckpt(ck, {"unet": unet.state_dict(), "te": te.transformer.state_dict(), "opt": opt.state_dict(),
-                           "ema_u": ema_u, "ema_t": ema_t, "step": step})
-            st.add_wall("unet", time.time() - run_start)
-            run_start = time.time()
-        if a.probe_every and (step % a.probe_every == 0 or step == a.unet_steps):
-            t0 = time.time()
-            if probe is None:
-                probe = (toy.build_unet(stats), toy.build_clip(), load_vae(a)[0])
-            pm, pc, pv = probe
-            pm.model.diffusion_model.load_state_dict(ema_u)
-            pc.cond_stage_model.clip_l.transformer.load_state_dict({k: v.half() if v.is_floating_point() else v for k, v in ema_t.items()}, strict=False)
-            with torch.inference_mode():
-                res = {}
-                for kind, k in (("heldout", 16), ("single", 16), ("pair", 8)):
-                    prompts, sd = evaluate.eval_prompts(kind, k)
-                    imgs = evaluate.txt2img(pm, pc, pv, prompts, sd, steps=12, cfg=a.eval_cfg)
-                    res[kind] = evaluate.accuracy(imgs, prompts).row()
-            st.data.setdefault("probes", {})[str(step)] = res
-            st.save()
-            log(f"probe @ {step} ({time.time() - t0:.0f}s, EMA, 12 steps): " + "; ".join(
-                f"{k} col {r['color']:.2f} shp {r['shape']:.2f} bg {r['background']:.2f}" for k, r in res.items()))
-            t_last += time.time() - t0
-    st.add_wall("unet", time.time() - run_start)
+
+    def on_step(step, _loss, ema_dicts):
+        nonlocal probe
+        if not a.probe_every or not (step % a.probe_every == 0 or step == a.unet_steps):
+            return
+        t0 = time.time()
+        if probe is None:
+            probe = (toy.build_unet(stats), toy.build_clip(), load_vae(a)[0])
+        pm, pc, pv = probe
+        ema = ema_dicts()
+        pm.model.diffusion_model.load_state_dict(ema["ema_u"])
+        pc.cond_stage_model.clip_l.transformer.load_state_dict(
+            {k: v.half() if v.is_floating_point() else v for k, v in ema["ema_t"].items()}, strict=False)
+        with torch.inference_mode():
+            res = {}
+            for kind, k in (("heldout", 16), ("single", 16), ("pair", 8)):
+                prompts, sd = evaluate.eval_prompts(kind, k)
+                imgs = evaluate.txt2img(pm, pc, pv, prompts, sd, steps=12, cfg=a.eval_cfg)
+                res[kind] = evaluate.accuracy(imgs, prompts).row()
+        st.data.setdefault("probes", {})[str(step)] = res
+        st.save()
+        log(f"probe @ {step} ({time.time() - t0:.0f}s, EMA, 12 steps): " + "; ".join(
+            f"{k} col {r['color']:.2f} shp {r['shape']:.2f} bg {r['background']:.2f}" for k, r in res.items()))
+
+    te.train()
+    train_diffusion(model, [("unet", "ema_u", unet), ("te", "ema_t", te.transformer)], context, x0_all, captions,
+                    steps=a.unet_steps, batch=a.unet_batch, lr=a.unet_lr, ema=a.ema, warmup=200,
+                    cfg_dropout=a.cfg_dropout, stream=a.seed * 1_000_003, ckpt=os.path.join(a.workdir, "unet.pt"),
+                    name="unet", log_every=50, a=a, on_step=on_step, on_ckpt=lambda s: st.add_wall("unet", s))
     st.data["results"]["unet_steps"] = a.unet_steps
     st.data["results"]["unet_batch"] = a.unet_batch
     st.data["results"]["unet_params"] = n_params
@@ -543,7 +586,6 @@ def phase_weak(a, st):
     """A smaller, briefly trained UNet of the same family on the same cached latents, conditioned by the FINAL
     toy text encoder (frozen, loaded from toy.safetensors, so it reads exactly the embeddings the toy UNet
     reads at sampling time), with the same caption dropout; exported UNet-only to toy_weak.safetensors."""
-    import numpy as np
     import torch
 
     from editkit.builtin_models import toy
@@ -573,62 +615,24 @@ def phase_weak(a, st):
     model = toy.build_unet(stats, config=config)
     unet = model.model.diffusion_model
     train_init(unet, a.seed + 5, unet_zero_names(unet))
-    params = list(unet.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    alphas, snr = noise_schedule(model)
-    opt = torch.optim.AdamW(params, lr=a.weak_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    ema_u = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    step = 0
-    ck = os.path.join(a.workdir, "weak.pt")
     toy_sha = toy.file_sha256(toy_file)
-    if os.path.exists(ck):
-        c = torch.load(ck, weights_only=False)
+
+    def check_ckpt(c):
         if c.get("toy_sha256") != toy_sha:
             raise SystemExit(f"{ck} was trained with another {os.path.basename(toy_file)} (its text encoder): delete it "
                              "to train the weak model again")
-        unet.load_state_dict(c["unet"])
-        opt.load_state_dict(c["opt"])
-        ema_u, step = c["ema_u"], c["step"]
-        log(f"weak: resumed at step {step}")
-    unet.train()
-    n_params = sum(p.numel() for p in params)
+
+    ck = os.path.join(a.workdir, "weak.pt")
+    n_params = sum(p.numel() for p in unet.parameters())
     log(f"weak: {n_params / 1e6:.2f}M params (model_channels {a.weak_channels}), frozen text encoder of {toy_file}, "
         f"{len(x0_all)} latents, {a.weak_steps} steps")
-    run_start = t_last = time.time()
-    hist = []
-    while step < a.weak_steps:
-        # A data stream of its own (the toy UNet's is seed * 1_000_003 + step).
-        g = torch.Generator().manual_seed(a.seed * 1_000_003 + 500_000_000 + step)
-        xt, t, eps, w, texts = diffusion_batch(g, x0_all, captions, alphas, snr, a.weak_batch, a.cfg_dropout)
-        ctx = context(texts)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, a.weak_steps, a.weak_lr, warmup=min(100, a.weak_steps // 5))
-        with host_autocast():
-            pred = unet(xt, timesteps=t.float(), context=ctx).float()
-        loss_each = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
-        loss = (w * loss_each).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        ema_update(((unet.state_dict(), ema_u),), step, a.weak_ema)
-        hist.append(loss_each.mean().item())
-        if a.adaptive_threads and (step == 1 or step % 25 == 0):   # early: a busy start costs 15x
-            adapt_threads(a)
-        if step % 25 == 0 or step == a.weak_steps:
-            now = time.time()
-            log(f"weak step {step}/{a.weak_steps} loss {np.mean(hist):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{(now - t_last) / 25:.2f}s/step")
-            hist.clear()
-            t_last = now
-        if step % a.ckpt_every == 0 or step == a.weak_steps:
-            save_ckpt(ck, {"unet": unet.state_dict(), "opt": opt.state_dict(), "ema_u": ema_u, "step": step,
-                           "toy_sha256": toy_sha})
-            st.add_wall("weak", time.time() - run_start)
-            run_start = time.time()
-    st.add_wall("weak", time.time() - run_start)
+    # A data stream of its own (the toy UNet's is seed * 1_000_003 + step).
+    ema = train_diffusion(model, [("unet", "ema_u", unet)], context, x0_all, captions, steps=a.weak_steps,
+                          batch=a.weak_batch, lr=a.weak_lr, ema=a.weak_ema, warmup=min(100, a.weak_steps // 5),
+                          cfg_dropout=a.cfg_dropout, stream=a.seed * 1_000_003 + 500_000_000, ckpt=ck,
+                          ckpt_extra={"toy_sha256": toy_sha}, check_ckpt=check_ckpt, name="weak", log_every=25, a=a,
+                          on_ckpt=lambda s: st.add_wall("weak", s))
+    ema_u, step = ema["ema_u"], a.weak_steps
     meta = {"kind": "weak", "companion": os.path.basename(toy_file), "companion_sha256": toy_sha,
             "note": f"UNet only: use with the CLIP text encoder and VAE of {os.path.basename(toy_file)} (AutoGuidance's "
                     "weak model; trained with that text encoder frozen, in its latent space)",

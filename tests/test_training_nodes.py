@@ -28,7 +28,7 @@ def _loras():
 def test_dreambooth_lora_file_loads_with_core_lora_loader(tiny_eps, tiny_clip, encode):
     import folder_paths
     import nodes
-    model, name, report = node_out(DreamBoothLoRATrain.execute(model=tiny_eps, clip=tiny_clip, latent=_latent(),
+    model, name, report, clip_out = node_out(DreamBoothLoRATrain.execute(model=tiny_eps, clip=tiny_clip, latent=_latent(),
                                                                name="ek_test_db", **ARGS))
     assert name == "ek_test_db.safetensors" and "saved models/loras/ek_test_db.safetensors" in report
     assert "(cached)" not in report
@@ -41,10 +41,31 @@ def test_dreambooth_lora_file_loads_with_core_lora_loader(tiny_eps, tiny_clip, e
     torch.testing.assert_close(D.predict_x0(loaded, x, s, c), D.predict_x0(model, x, s, c), rtol=1e-5, atol=1e-7)
     assert not torch.allclose(D.predict_x0(tiny_eps, x, s, c), D.predict_x0(loaded, x, s, c), atol=1e-7)
     assert not tiny_eps.patches                                  # the input model stays as it was
+    assert clip_out is tiny_clip                                 # train_text_encoder off: the CLIP passes through
     # the class images come from the cache the second time
-    _, _, report2 = node_out(DreamBoothLoRATrain.execute(model=tiny_eps, clip=tiny_clip, latent=_latent(),
+    _, _, report2, _ = node_out(DreamBoothLoRATrain.execute(model=tiny_eps, clip=tiny_clip, latent=_latent(),
                                                          name="ek_test_db", **ARGS))
     assert "(cached)" in report2
+    os.remove(path)
+
+
+def test_dreambooth_text_encoder_lora_through_the_node_and_core_lora_loader(tiny_eps, tiny_clip):
+    """train_text_encoder: the file core Load LoRA loads gives the CLIP the node returns (same encoding of the
+    prompt, different from the base CLIP's)."""
+    import folder_paths
+    import nodes
+    from editkit.builtin_models import tiny
+    kw = dict(ARGS, class_images=0, learning_rate=1e-2)
+    _, name, report, clip_out = node_out(DreamBoothLoRATrain.execute(
+        model=tiny_eps, clip=tiny_clip, latent=_latent(), name="ek_test_db_te", train_text_encoder=True,
+        text_encoder_lr=1e-2, **kw))
+    assert "text encoder" in report
+    path = folder_paths.get_full_path("loras", name)
+    _, loaded_clip = nodes.LoraLoader().load_lora(tiny_eps, tiny_clip, name, 1.0, 1.0)
+    prompt = "a photo of sks circle"
+    base, got, ref = (tiny.encode(c, prompt)[0][0] for c in (tiny_clip, loaded_clip, clip_out))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert (got - base).abs().max() > 1e-4
     os.remove(path)
 
 
@@ -52,6 +73,7 @@ def test_dreambooth_lora_file_loads_with_core_lora_loader(tiny_eps, tiny_clip, e
     (dict(latent={"samples": torch.zeros(0, 4, 8, 8)}), "latent"),
     (dict(instance_prompt="a photo of a circle"), "instance_prompt"),
     (dict(learning_rate=0.0), "learning_rate"),
+    (dict(train_text_encoder=True, text_encoder_lr=0.0), "text_encoder_lr"),
     (dict(name="../../evil"), "name"),
     (dict(name="sub/evil"), "name"),
     (dict(class_prompt=" "), "class_prompt"),
@@ -86,7 +108,7 @@ def test_interrupt_leaves_a_checkpoint_and_no_lora_then_resume_finishes(tiny_eps
         mm.interrupt_current_processing(False)
     ck = paths.checkpoint_file("lora", "ek_test_int.safetensors")
     assert os.path.exists(ck) and _loras() == before and not tiny_eps.patches
-    _, name, report = node_out(DreamBoothLoRATrain.execute(model=tiny_eps, clip=tiny_clip, **dict(kw, resume=True)))
+    _, name, report, _ = node_out(DreamBoothLoRATrain.execute(model=tiny_eps, clip=tiny_clip, **dict(kw, resume=True)))
     assert "resumed at step 2" in report and not os.path.exists(ck)
     import folder_paths
     os.remove(folder_paths.get_full_path("loras", name))

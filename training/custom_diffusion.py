@@ -47,7 +47,7 @@ class TrainableDiffs:
 
 def train(model, clip, latents, captions, placeholder: str, init_word: str, settings: loop.Settings,
           class_latents=None, class_cond=None, prior_weight: float = 1.0, checkpoint_path: Optional[str] = None,
-          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None):
+          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None, preview=None):
     """(TI.Concept, TrainableDiffs, loop.Result)."""
     keys = TL.target_keys(model, TL.CROSS_KV)
     if not keys:
@@ -61,5 +61,5 @@ def train(model, clip, latents, captions, placeholder: str, init_word: str, sett
         conds[CLASS] = class_cond
         examples += [loop.Example(x, CLASS, float(prior_weight)) for x in class_latents]
     res = loop.train(model, conds, examples, concept.params + diffs.parameters(), settings, install=diffs.install,
-                     context=concept.context, checkpoint_path=checkpoint_path, resume=resume, node_id=node_id, stop=stop)
+                     context=concept.context, checkpoint_path=checkpoint_path, resume=resume, node_id=node_id, stop=stop, preview=preview)
     return concept, diffs, res

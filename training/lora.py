@@ -51,45 +51,73 @@ def frozen_weights_reason(model) -> Optional[str]:
     return None
 
 
-class TrainableLora:
-    """LoRA factors for a set of weight keys (ComfyUI's LoraDiff modules), installable on a clone."""
+ADAPTERS = ("lora", "loha", "lokr")
 
-    def __init__(self, model, keys: list[str], rank: int = 4, alpha: float | None = None, seed: int = 0):
-        from comfy.weight_adapter.lora import LoRAAdapter
-        dm = _base(model).diffusion_model
-        self.rank = int(rank)
+
+def _adapter_class(kind: str):
+    from comfy.weight_adapter.loha import LoHaAdapter
+    from comfy.weight_adapter.lokr import LoKrAdapter
+    from comfy.weight_adapter.lora import LoRAAdapter
+    return {"lora": LoRAAdapter, "loha": LoHaAdapter, "lokr": LoKrAdapter}[kind]
+
+
+class TrainableLora:
+    """Trainable adapters of one of ComfyUI's own weight-adapter formats (kind: lora | loha | lokr, created by
+    the adapter's own `create_train`: LoraDiff, LohaDiff, LokrDiff, each starting at a zero delta) for a set of
+    weight keys, installable on a clone as weight wrappers.
+
+    keys are the patch keys ComfyUI's patcher uses; each weight is `root.get_parameter(key)` (root: the model's
+    BaseModel by default, so "diffusion_model.<module>.weight"; a CLIP's cond_stage_model for text-encoder keys).
+    file_key(key) names the module in the saved file (default: the key without ".weight", ComfyUI's plain
+    layout). The saved tensors are the adapter's own parameters under its own names (lora_up.weight /
+    lora_down.weight, hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b, lokr_w1 / lokr_w2) plus alpha: what
+    comfy.weight_adapter's loaders read back."""
+
+    def __init__(self, model, keys: list[str], rank: int = 4, alpha: float | None = None, seed: int = 0,
+                 kind: str = "lora", root=None, file_key: Optional[Callable[[str], str]] = None):
+        if kind not in ADAPTERS:
+            raise ValueError(f"adapter {kind!r} is not one of {ADAPTERS}")
+        adapter = _adapter_class(kind)
+        root = root if root is not None else _base(model)
+        self.kind, self.rank = kind, int(rank)
         self.alpha = float(rank if alpha is None else alpha)
-        self.adapters = {}
+        self.file_key = file_key or (lambda k: k[:-len(".weight")] if k.endswith(".weight") else k)
+        self.adapters, self.shapes = {}, {}
+        self.text_encoder = None        # the text encoder's adapters trained with these (DreamBooth), if any
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             for key in keys:
-                w = dm.get_parameter(key[len("diffusion_model."):])
-                ad = LoRAAdapter.create_train(torch.empty(w.shape, device=w.device), rank=self.rank, alpha=self.alpha)
-                ad.requires_grad_(False)
-                for p in (ad.lora_up.weight, ad.lora_down.weight):
-                    p.requires_grad_(True)
+                w = root.get_parameter(key)
+                self.shapes[key] = tuple(w.shape)
+                ad = adapter.create_train(torch.empty(w.shape, device=w.device), rank=self.rank, alpha=self.alpha)
+                for name, p in ad.named_parameters():
+                    p.requires_grad_(name != "alpha")
                 self.adapters[key] = ad
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for ad in self.adapters.values() for p in (ad.lora_up.weight, ad.lora_down.weight)]
+        return [p for ad in self.adapters.values() for p in ad.parameters() if p.requires_grad]
 
     def install(self, clone) -> None:
         for key, ad in self.adapters.items():
             clone.add_weight_wrapper(key, ad)
 
     def delta(self, key: str) -> torch.Tensor:
+        """The adapter's current weight delta (fp32, the weight's shape): its own forward at W = 0."""
         ad = self.adapters[key]
+        device = next(ad.parameters()).device
         with torch.no_grad():
-            return (ad.alpha / ad.rank) * (ad.lora_up.weight @ ad.lora_down.weight)
+            return ad(torch.zeros(self.shapes[key], dtype=torch.float32, device=device))
 
     def state_dict(self, dtype=torch.float32) -> dict:
-        """The LoRA file's tensors in ComfyUI's plain key layout."""
+        """The file's tensors in ComfyUI's key layout for this adapter kind."""
         out = {}
         for key, ad in self.adapters.items():
-            n = key[:-len(".weight")]
-            out[f"{n}.lora_up.weight"] = ad.lora_up.weight.detach().to("cpu", dtype).contiguous()
-            out[f"{n}.lora_down.weight"] = ad.lora_down.weight.detach().to("cpu", dtype).contiguous()
-            out[f"{n}.alpha"] = torch.tensor(float(ad.alpha))
+            n = self.file_key(key)
+            for name, p in ad.named_parameters():
+                if name == "alpha":
+                    out[f"{n}.alpha"] = torch.tensor(float(p))
+                else:
+                    out[f"{n}.{name}"] = p.detach().to("cpu", dtype).contiguous()
         return out
 
 

@@ -32,10 +32,34 @@ def target(ms, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torc
     return denoiser.native_output(ms, x_t, x0, sigma)
 
 
+def network_input(ms, x_t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, timestep) the raw network takes at (x_t, sigma), as ComfyUI's BaseModel.apply_model scales them
+    (for a direct call of the diffusion network outside a ModelPatcher)."""
+    return ms.calculate_input(sigma, x_t), ms.timestep(sigma)
+
+
+def mse_rows(native: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per batch row (fp32)."""
+    return (native.float() - tgt.float()).square().flatten(1).mean(1)
+
+
+def min_snr_weight(ms, sigma: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the native-output loss: min(SNR, gamma) / c(sigma),
+    where c is what the native loss weighs the x0 error with (SNR for EPS, SNR + 1 for v-prediction, 1 / sigma^2
+    for flow's velocity). SNR = 1 / sigma^2 in the "ve" space, ((1 - sigma) / sigma)^2 for flow."""
+    import comfy.model_sampling as M
+    s = sigma.float()
+    if denoiser.space(ms) == "flow":
+        snr, c = ((1 - s) / s) ** 2, 1 / s ** 2
+    else:
+        snr = 1 / s ** 2
+        c = snr + 1 if isinstance(ms, M.V_PREDICTION) else snr
+    return torch.clamp(snr, max=gamma) / c
+
+
 def per_row_loss(prediction, x0: torch.Tensor) -> torch.Tensor:
     """Mean squared error per batch row between the network output and its target (differentiable)."""
     ms, x_t, sigma = prediction.model_sampling, prediction.x, prediction.sigma
     with torch.no_grad():
         tgt = target(ms, x_t.detach(), x0, sigma.detach())
-    diff = prediction.native.float() - tgt.float()
-    return diff.square().flatten(1).mean(1)
+    return mse_rows(prediction.native, tgt)

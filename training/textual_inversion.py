@@ -128,10 +128,10 @@ class Concept:
 
 def train(model, clip, latents: torch.Tensor, captions: list[str], placeholder: str, init_word: str,
           settings: loop.Settings, n_vectors: int = 1, checkpoint_path: Optional[str] = None,
-          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None):
+          resume: Optional[str] = None, node_id: Optional[str] = None, stop=None, preview=None):
     """(vectors {key: (n, dim) fp32}, loop.Result). latents: sampler space (N, C, H, W), one caption each."""
     concept = Concept(clip, captions, placeholder, init_word, n_vectors)
     examples = [loop.Example(x, n) for x, n in zip(latents, concept.names)]
     res = loop.train(model, concept.conds, examples, concept.params, settings, context=concept.context,
-                     checkpoint_path=checkpoint_path, resume=resume, node_id=node_id, stop=stop)
+                     checkpoint_path=checkpoint_path, resume=resume, node_id=node_id, stop=stop, preview=preview)
     return {k: v.detach() for k, v in concept.vectors.items()}, res

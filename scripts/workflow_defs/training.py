@@ -38,14 +38,14 @@ def dreambooth_lora(family="sd15"):
     ld = checkpoint(b, family)
     enc = _concept_images(b, ld.out("vae"), family)
     tr = b.add("EditKitDreamBoothLoRATrain", title="DreamBooth LoRA Train",
-               toy={"inputs": {"class_images": 2, "class_steps": 2}},
+               toy={"inputs": {"class_images": 2, "class_steps": 2, "preview_every": 6}},
                instance_prompt="a photo of sks dog", identifier="sks", class_prompt="a photo of dog",
-               name="editkit_dreambooth", steps=500, learning_rate=1e-4, rank=4, batch_size=1,
-               prior_loss_weight=1.0, class_images=100, class_steps=30, seed=0, resume=False)
+               name="editkit_dreambooth", steps=500, learning_rate=1e-4, rank=4, adapter="lora", batch_size=1,
+               train_text_encoder=False, text_encoder_lr=5e-5, prior_loss_weight=1.0, class_images=100, class_steps=30, seed=0, preview_every=100, resume=False)
     b.connect(ld.out("model"), tr, "model")
     b.connect(ld.out("clip"), tr, "clip")
     b.connect(enc.out(0), tr, "latent")
-    pos = text(b, ld.out("clip"), "a photo of sks dog in the snow", "Prompt with the identifier")
+    pos = text(b, tr.out(3), "a photo of sks dog in the snow", "Prompt with the identifier (the trained CLIP)")
     neg = text(b, ld.out("clip"), "", "Negative prompt")
     ks = b.add("KSampler", seed=1, steps=30, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
     b.connect(tr.out(0), ks, "model")
@@ -68,10 +68,10 @@ def textual_inversion(family="sd15"):
          "3000 steps, AdamW lr 5e-3, one vector initialised from the init word (Gal et al. 2023).")
     ld = checkpoint(b, family)
     enc = _concept_images(b, ld.out("vae"), family)
-    tr = b.add("EditKitTextualInversionTrain", title="Textual Inversion Train", toy={"inputs": {"steps": 200}},
+    tr = b.add("EditKitTextualInversionTrain", title="Textual Inversion Train", toy={"inputs": {"steps": 200, "preview_every": 100}},
                captions="a photo of <my-concept>", placeholder="<my-concept>", init_word="dog",
                name="editkit_concept", num_vectors=1, steps=3000, learning_rate=5e-3, batch_size=1, seed=0,
-               resume=False)
+               preview_every=500, resume=False)
     b.connect(ld.out("model"), tr, "model")
     b.connect(ld.out("clip"), tr, "clip")
     b.connect(enc.out(0), tr, "latent")
@@ -107,7 +107,7 @@ def custom_diffusion(family="sd15"):
                toy={"inputs": {"steps": 60, "class_images": 2, "class_steps": 2}},
                captions="photo of a <new1> dog", placeholder="<new1>", init_word="dog", class_prompt="photo of a dog",
                name="editkit_custom_diffusion", steps=250, learning_rate=1e-5, batch_size=1, prior_loss_weight=1.0,
-               class_images=200, class_steps=30, seed=0, resume=False)
+               class_images=200, class_steps=30, seed=0, preview_every=50, resume=False)
     b.connect(ld.out("model"), tr, "model")
     b.connect(ld.out("clip"), tr, "clip")
     b.connect(enc.out(0), tr, "latent")
