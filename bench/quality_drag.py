@@ -7,7 +7,8 @@ centroid, goal = where the centroid should go). The editable region given to eve
 the object's old and new footprints, dilated 4 px (the user paints over the object and where it goes).
 Scoring: toyworld.scoring.score_drag (centroid error, look kept, other object put, no copy left behind,
 PSNR outside old and new footprints). Time per drag is a ratio to a plain 20-step txt2img in the same
-run; peak memory is the process's peak RSS increase during the method's calls (CPU).
+run; peak memory is the row's own peak RSS above its start (common.PeakRSS: sampled, so a row measured
+after a heavier one still reports its own peak).
 
 Results: bench/results/quality/drag.json and cases/drag-*.csv; --write-readme rewrites the README between
 <!-- bench-quality-drag:begin --> and <!-- bench-quality-drag:end -->.
@@ -15,7 +16,6 @@ Results: bench/results/quality/drag.json and cases/drag-*.csv; --write-readme re
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from common import boot, replace_block, write_cases  # noqa: E402
+from common import PeakRSS, boot, replace_block, write_cases  # noqa: E402
 
 boot()
 
@@ -41,6 +41,11 @@ MARK_BEGIN, MARK_END = "<!-- bench-quality-drag:begin -->", "<!-- bench-quality-
 REGION_DILATE = 4
 
 SDE_DRAG_SHIPPED = {k: Setting("sde_drag.json", "EditKitSDEDrag", k) for k in ("t0", "steps", "cfg", "sub_moves", "radius")}
+DRAGON_KEYS = ("steps", "inversion_steps", "cfg", "energy_scale", "w_edit", "w_content", "w_inpaint", "guide_until")
+DRAGON_SHIPPED = {k: Setting("dragon_diffusion.json", "EditKitDragonDiffusion", k) for k in DRAGON_KEYS}
+DIFFEDITOR_SHIPPED = {k: Setting("diffeditor.json", "EditKitDiffEditor", k) for k in DRAGON_KEYS + ("sde_strength", "time_travel")}
+DRAG_DIFFUSION_SHIPPED = {k: Setting("drag_diffusion.json", "EditKitDragDiffusion", k)
+                          for k in ("steps", "inversion_steps", "iterations", "lr", "mask_weight", "cfg")}
 SHIPPED_RESOLUTION = 512     # the shipped workflow's radius is in px of the SD1.5 photo
 
 
@@ -88,7 +93,6 @@ def dragon_runner(node_id):
 DRAGON_REF = {"steps": 20, "inversion_steps": 14, "cfg": 1.0, "energy_scale": 1.0, "w_edit": 4.0, "w_content": 6.0,
               "w_inpaint": 0.2, "guide_until": 0.6}
 DRAG_DIFFUSION_REF = {"steps": 20, "inversion_steps": 14, "iterations": 40, "lr": 0.05, "mask_weight": 0.1, "cfg": 1.0}
-GRADIENT_ROWS_N = 12
 
 
 def rows(ctx, which: str):
@@ -103,11 +107,14 @@ def rows(ctx, which: str):
         r = float(s["radius"])
         s["radius"] = lambda c, r=r: r * c.source.size / SHIPPED_RESOLUTION
         out.append(("SDE-Drag", "shipped", s, sde_drag_runner, None))
+    gradient = [("DragonDiffusion", dict(DRAGON_REF), DRAGON_SHIPPED, dragon_runner("EditKitDragonDiffusion")),
+                ("DiffEditor", {**DRAGON_REF, "sde_strength": 0.4, "time_travel": 2}, DIFFEDITOR_SHIPPED,
+                 dragon_runner("EditKitDiffEditor")),
+                ("DragDiffusion", dict(DRAG_DIFFUSION_REF), DRAG_DIFFUSION_SHIPPED, drag_diffusion_runner)]
     if which in ("reference", "both", "gradient"):
-        out.append(("DragonDiffusion", "reference", dict(DRAGON_REF), dragon_runner("EditKitDragonDiffusion"), GRADIENT_ROWS_N))
-        out.append(("DiffEditor", "reference", {**DRAGON_REF, "sde_strength": 0.4, "time_travel": 2},
-                    dragon_runner("EditKitDiffEditor"), GRADIENT_ROWS_N))
-        out.append(("DragDiffusion", "reference", dict(DRAG_DIFFUSION_REF), drag_diffusion_runner, GRADIENT_ROWS_N))
+        out += [(name, "reference", ref_s, runner, None) for name, ref_s, _, runner in gradient]
+    if which in ("shipped", "both"):
+        out += [(name, "shipped", shipped.read_settings(spec), runner, None) for name, _, spec, runner in gradient]
     return out
 
 
@@ -128,15 +135,17 @@ def run(n: int, which: str, results: str | None, write: bool, only=()) -> list:
             if only and name.lower() not in only:
                 continue
             records, times = [], []
-            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            for c in cases[:n_row]:
-                t = time.perf_counter()
-                img = runner(ctx, c, s)
-                times.append(time.perf_counter() - t)
-                sc = c.score(img)
-                records.append({"case": c.name, "split": c.split, **sc.record(), "kept_look": sc.kept_look,
-                                "seconds": round(times[-1], 2)})
-            peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024.0
+            with PeakRSS() as mem:
+                for c in cases[:n_row]:
+                    t = time.perf_counter()
+                    img = runner(ctx, c, s)
+                    times.append(time.perf_counter() - t)
+                    sc = c.score(img)
+                    records.append({"case": c.name, "split": c.split, **sc.record(), "kept_look": sc.kept_look,
+                                    "seconds": round(times[-1], 2)})
+                    print(f"  {name} ({kind}) {len(records)}/{len(cases[:n_row])}: {times[-1]:.2f} s, "
+                          f"error {sc.record().get('centroid_error')}", file=sys.stderr, flush=True)
+            peak_mb = mem.peak_mb
             errs = [r["centroid_error"] for r in records]
             finite = [e for e in errs if e is not None and np.isfinite(e)]
             row = {"technique": name, "which": kind, "settings": _label(s), "n": len(records),
@@ -152,19 +161,38 @@ def run(n: int, which: str, results: str | None, write: bool, only=()) -> list:
                    "peak_rss_increase_mb": round(peak_mb, 1)}
             out.append(row)
             print(json.dumps(row), flush=True)
-            if results:
+            if results:   # saved row by row: an interrupted run keeps the rows it finished
                 write_cases(os.path.join(results, "cases", f"drag-{name.lower()}-{kind}.csv"), records, list(records[0]))
-    if results:
-        path = os.path.join(results, "drag.json")
-        old = json.load(open(path)) if os.path.exists(path) else {"rows": []}
-        keep = [r for r in old["rows"] if (r["technique"], r["which"]) not in {(x["technique"], x["which"]) for x in out}]
-        data = {"rows": keep + out, "plain_seconds": round(plain, 3), "cases": max(r["n"] for r in keep + out),
-                "host": _host()}
-        with open(path, "w") as f:
-            json.dump(data, f, indent=1)
-        if write:
-            write_readme(data)
+                data = save(results, [row], plain)
+    if results and out and write:
+        write_readme(data)
     return out
+
+
+def save(results: str, new_rows: list, plain: float) -> dict:
+    """Merge rows into drag.json (a row replaces the saved row of the same method and kind; rows keep the order
+    SDE-Drag, DragonDiffusion, DiffEditor, DragDiffusion, reference before shipped)."""
+    import fcntl
+    path = os.path.join(results, "drag.json")
+    os.makedirs(results, exist_ok=True)
+    fd = os.open(results, os.O_RDONLY)   # two runs (e.g. reference and shipped rows) may save at once
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _merge(path, new_rows, plain)
+    finally:
+        os.close(fd)
+
+
+def _merge(path: str, new_rows: list, plain: float) -> dict:
+    old = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+    keep = [r for r in old["rows"] if (r["technique"], r["which"]) not in {(x["technique"], x["which"]) for x in new_rows}]
+    order = ("SDE-Drag", "DragonDiffusion", "DiffEditor", "DragDiffusion")
+    merged = sorted(keep + new_rows, key=lambda r: (order.index(r["technique"]) if r["technique"] in order else 9,
+                                                    r["which"] != "reference"))
+    data = {"rows": merged, "plain_seconds": round(plain, 3), "cases": max(r["n"] for r in merged), "host": _host()}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return data
 
 
 def _host() -> str:
@@ -173,8 +201,9 @@ def _host() -> str:
 
 
 def table(data: dict) -> str:
-    lines = [f"Drag on the toy world (up to {data['cases']} cases, 16-40 px, two objects; 128 px; each row's n in its success "
-             f"cell; {data.get('host', '')})", "",
+    lines = [f"Drag on the toy world ({data['cases']} cases: eight directions, 16-40 px, one- and two-object scenes "
+             f"alternating; 128 px; each row's n in its success cell; peak RSS + = the row's own peak above its start; "
+             f"{data.get('host', '')})", "",
              "| method | settings | success | mean / median centroid error (px) | look kept | other object put "
              "| PSNR outside (dB) | time / drag (x plain) | peak RSS + (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
