@@ -59,3 +59,20 @@ def test_energy_guidance_lowers_the_edit_energy(dit, encode, diffeditor):
     assert info.guided == control.guided >= 3
     assert torch.isfinite(out).all() and all(torch.isfinite(torch.tensor(e)).all() for e in info.energies)
     assert info.energies[-1][0] < control.energies[-1][0] - 0.05, (info.energies, control.energies)
+
+
+def test_a_model_without_decoder_features_is_refused_naming_the_families_that_work(encode):
+    """A one-level UNet has no decoder level to read: the feature-based nodes name the model input and the
+    families that work (SDE-Drag needs no features)."""
+    from editkit.core.errors import EditKitInputError
+    from editkit.nodes.drag import DiffEditor, DragDiffusion, DragonDiffusion
+    cfg = dict(tiny.TINY_UNET, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
+    m = tiny.tiny_unet(config=cfg)
+    pos, lat, d = encode("a red circle"), {"samples": torch.zeros(1, 4, 8, 8)}, _drag()
+    dragon = (6, 6, 1.0, 1.0, 4.0, 6.0, 0.2, 0.6, True)
+    for run in (lambda: DragDiffusion.execute(m, pos, lat, d, 6, 4, 2, 0.05, 0.1, 1.0, True, 0),
+                lambda: DragonDiffusion.execute(m, pos, lat, d, *dragon, 42),
+                lambda: DiffEditor.execute(m, pos, lat, d, *dragon, sde_strength=0.4, time_travel=2, seed=42)):
+        with pytest.raises(EditKitInputError, match=r"input 'model': this model has no decoder features.*"
+                                                    r"SD1\.x, SD2\.x, SDXL\) or a DiT \(SD3, Flux\)"):
+            run()
