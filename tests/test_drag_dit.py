@@ -5,7 +5,6 @@ energy against an unguided control and stays finite from the full inversion's si
 (eps guidance divided by 1 - sigma there)."""
 import pytest
 import torch
-
 from editkit.builtin_models import tiny
 from editkit.drag import dragon as D
 from editkit.drag import sde_drag as S
@@ -53,7 +52,7 @@ def test_energy_guidance_lowers_the_edit_energy(dit, encode, diffeditor):
     """Full inversion (sigma 1 on these flow models): guided at energy scale 1 vs a control at 1e-9 (same
     evaluations, no effect): the last guided step's edit energy is lower, the result finite."""
     pos, lat, d = encode("a red circle"), _latent(2), _drag()
-    kw = dict(steps=6, cfg=1.0, diffeditor=diffeditor, guide_until=1.0, time_travel=1, seed=0)
+    kw = {"steps": 6, "cfg": 1.0, "diffeditor": diffeditor, "guide_until": 1.0, "time_travel": 1, "seed": 0}
     out, info = D.dragon_drag(dit, pos, None, lat, d, energy_scale=1.0, **kw)
     _, control = D.dragon_drag(dit, pos, None, lat, d, energy_scale=1e-9, **kw)
     assert info.guided == control.guided >= 3
