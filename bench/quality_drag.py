@@ -1,9 +1,12 @@
 """Drag-editing table on the toy world (DragBench-style): `bench/quality.py --only drag`, or
 
-    .venv/bin/python bench/quality_drag.py [--n 32] [--which reference|shipped|both] [--write-readme]
+    .venv/bin/python bench/quality_drag.py [--n 32] [--which reference|shipped|both] [--method NAME] [--write-readme]
 
-Cases: toyworld.editbench.drag_cases (two-object scenes, one object moved 16-40 px; handle = its
-centroid, goal = where the centroid should go). The editable region given to every method is the union of
+Rows are saved one by one into drag.json (under a lock), so rows may run as separate processes, e.g. the
+reference rows and `--which shipped --method DragDiffusion` side by side; `--readme` rewrites the table.
+
+Cases: toyworld.editbench.drag_cases (eight directions in turn, blocks of eight alternating two-object and
+one-object scenes, one object moved 16-40 px; handle = its centroid, goal = where the centroid should go). The editable region given to every method is the union of
 the object's old and new footprints, dilated 4 px (the user paints over the object and where it goes).
 Scoring: toyworld.scoring.score_drag (centroid error, look kept, other object put, no copy left behind,
 PSNR outside old and new footprints). Time per drag is a ratio to a plain 20-step txt2img in the same
