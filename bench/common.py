@@ -87,3 +87,84 @@ def replace_block(path: str, begin: str, end: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     open(path, "w").write(text)
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set size now (Linux /proc; psutil elsewhere; None if neither)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss
+    except Exception:   # noqa: BLE001 - no way to read RSS: the caller reports None
+        return None
+
+
+def _max_rss_bytes() -> int:
+    import resource
+    import sys as _sys
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if _sys.platform == "darwin" else r * 1024
+
+
+class PeakRSS:
+    """Peak resident memory of one benchmark row above the row's own start, whatever ran before it:
+
+        with PeakRSS() as m:
+            run_the_row()
+        m.peak_mb
+
+    The process-wide max RSS (getrusage) cannot do this: after a heavier row it does not rise again, so a
+    lighter row read ~0. Here freed heap is first handed back to the OS (gc + glibc malloc_trim, so the
+    start is not inflated by an earlier row's free memory), a background thread samples the current RSS
+    every `interval` s, and if the process-wide max rose during the row it is the row's exact peak."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = self.peak = None
+        self.peak_mb: float | None = None
+
+    @staticmethod
+    def _trim() -> None:
+        import gc
+        gc.collect()
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            r = _rss_bytes()
+            if r is not None and r > self.peak:
+                self.peak = r
+
+    def __enter__(self):
+        import threading
+        self._trim()
+        self.start = _rss_bytes()
+        self._max0 = _max_rss_bytes()
+        if self.start is not None:
+            self.peak = self.start
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.start is None:   # no current-RSS reading on this OS: only the process-wide max is known
+            self.peak_mb = (_max_rss_bytes() - self._max0) / 2**20
+            return False
+        self._stop.set()
+        self._thread.join()
+        r = _rss_bytes()
+        self.peak = max(self.peak, r or 0)
+        max1 = _max_rss_bytes()
+        if max1 > self._max0:      # the row set a new process-wide high: that is its peak, exactly
+            self.peak = max(self.peak, max1)
+        self.peak_mb = max(0.0, (self.peak - self.start) / 2**20)
+        return False

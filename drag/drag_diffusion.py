@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..core import denoiser
 from ..core.features import FeatureCapture, decoder_point
 from ..core.gradients import autograd, leaf, run_with_gradients
+from ..core.introspect import architecture
 from ..samplers.steps import euler_step
 from .points import DragPoints
 
@@ -85,6 +86,7 @@ def drag_diffusion(model, positive, negative, samples: torch.Tensor, drag: DragP
     if region is not None:
         keep = 1.0 - F.interpolate(region[None, None], size=(h, w), mode="area")[0, 0]
     o1, o2 = _offsets(r1), _offsets(r2)
+    copy_saved = architecture(model) != "unet"     # DiT blocks update tensors in place (core.gradients.autograd)
 
     clone = model.clone()
     cap = FeatureCapture([point], grad=True)
@@ -109,7 +111,7 @@ def drag_diffusion(model, positive, negative, samples: torch.Tensor, drag: DragP
             if torch.all((hs - targets).norm(dim=-1) < 1.0):
                 info.reached = True
                 break
-            with autograd(copy_saved=False):
+            with autograd(copy_saved=copy_saved):
                 feat = features(env, z)
                 loss = z.new_zeros(())
                 for i in range(len(hs)):

@@ -187,6 +187,7 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
     from ..core.branches import chunks_of
     from ..core.features import FeatureCapture
     from ..core.gradients import autograd, leaf, run_with_gradients
+    from ..core.introspect import architecture
     from ..samplers.branch_guider import BranchSpec
     from ..samplers.inversion import invert
 
@@ -217,6 +218,7 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
         return diffeditor and sde_strength > 0 and third <= i < 2 * third
 
     clone = model.clone()           # the user's model never gets these patches
+    copy_saved = architecture(model) != "unet"     # DiT blocks update tensors in place (core.gradients.autograd)
     if reference:
         install(clone, ReferenceAttention(1.0, 0.0, 1.0, default_start_layer(layers_of(model)), -1, False))
     cap = FeatureCapture(points, rows=lambda to, n: [r for ch in chunks_of(to, n) if ch.cond for r in ch.source],
@@ -258,7 +260,7 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
             """d(energy)/d(model input) for the edit latent at step i: (edit part, content part)."""
             s = sigmas[i]
             z = leaf(xt)
-            with autograd(copy_saved=False):
+            with autograd(copy_saved=copy_saved):
                 cap.clear()
                 env.denoise(z, s, "positive")
                 cur = feats()
@@ -289,7 +291,10 @@ def dragon_drag(model, positive, negative, samples: torch.Tensor, drag: DragPoin
                         grad = g_edit * region + g_con * (1.0 - region)
                     else:
                         grad = g_edit + g_con
-                    x0 = denoiser.to_x0(ms, x, eps + energy_scale * ENERGY_UNIT * grad, s)
+                    # the guidance moves the derivative d = (x - x0) / sigma: eps on UNets (the paper's eps
+                    # guidance), the velocity on flow models, where eps guidance would divide by 1 - sigma (0 at
+                    # the full inversion's sigma 1)
+                    x0 = den - s * energy_scale * ENERGY_UNIT * grad
                 if sde_at(gi):
                     noise = torch.randn(x.shape, generator=gen).to(dev)
                     x_next = ddim_eta_step(ms, x, x0, eps, s, s_next, sde_strength * region, noise)

@@ -160,7 +160,7 @@ class DragDiffusion(EditKitNode):
                         "the source's self-attention keys/values. For the paper's identity LoRA, connect a model with a "
                         "LoRA trained on the photo.",
             inputs=[
-                io.Model.Input("model", tooltip="UNet models (SD1.x, SD2.x, SDXL); DiTs read the block at the same relative depth."),
+                io.Model.Input("model", tooltip="UNet models (SD1.x, SD2.x, SDXL) and DiTs (SD3, Flux: the block at the same relative depth)."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the photo."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt (used when cfg > 1)."),
                 io.Latent.Input("latent", tooltip="The photo as a latent (VAE Encode); the first row is dragged."),
@@ -194,7 +194,7 @@ class DragDiffusion(EditKitNode):
             decoder_point(model, -2)
         except ValueError as e:
             raise EditKitInputError(node, "model", f"this model has no decoder features to read ({e})",
-                                    "use a UNet (SD1.x, SD2.x, SDXL) or a DiT") from None
+                                    "use a UNet (SD1.x, SD2.x, SDXL) or a DiT (SD3, Flux)") from None
         samples = latent["samples"][:1]
         d = fit_drag(node, drag, samples, model)
         bar = StepProgress(model, iterations + inversion_steps)
@@ -208,8 +208,8 @@ class DragDiffusion(EditKitNode):
 def _dragon_inputs(extra: list) -> list:
     """Inputs of the energy-guided drag nodes (DragonDiffusion, DiffEditor): the authors' drag defaults."""
     return [
-        io.Model.Input("model", tooltip="UNet models (SD1.x, SD2.x, SDXL; features of decoder levels 2 and 3); DiTs read the "
-                                        "blocks at the same relative depth (untested). An IP-Adapter applied to the model works."),
+        io.Model.Input("model", tooltip="UNet models (SD1.x, SD2.x, SDXL; features of decoder levels 2 and 3) and DiTs (SD3, "
+                                        "Flux: the blocks at the same relative depth). An IP-Adapter applied to the model works."),
         io.Conditioning.Input("positive", tooltip="A prompt describing the photo."),
         io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt (needed when cfg != 1; an empty prompt is usual)."),
         io.Latent.Input("latent", tooltip="The photo as a latent (VAE Encode); the first row is dragged."),
@@ -253,7 +253,7 @@ def _dragon_execute(cls, node: str, model, positive, latent, drag, steps, invers
         feature_points(model)
     except ValueError as e:
         raise EditKitInputError(node, "model", f"this model has no decoder features to read ({e})",
-                                "use a UNet (SD1.x, SD2.x, SDXL) or a DiT") from None
+                                "use a UNet (SD1.x, SD2.x, SDXL) or a DiT (SD3, Flux)") from None
     samples = latent["samples"][:1]
     d = fit_drag(node, drag, samples, model)
     bar = StepProgress(model, inversion_steps)
