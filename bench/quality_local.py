@@ -7,7 +7,9 @@ two-object scenes (one object edited, the other must stay).
 Cases: toyworld.editbench.edit_cases(per_split, n_objects=2). Scores: toyworld.scoring only: the mask's IoU
 with the edited object's ground-truth mask (`scoring.mask_iou`, colour swaps: the object keeps its footprint),
 edit success / the untouched object kept / PSNR outside the edited object (`case.score`), rates with Wilson
-intervals (`scoring.rate`). Time: per case, as a ratio of one plain 20-step txt2img measured in the same run.
+intervals (`scoring.rate`). Time: the rows' mean per-case time over the mean of one plain 20-step txt2img run
+before each case (so the unit follows the host's load through the run); model evaluations: latent rows through the
+UNet per edit (RowCounter).
 
 Rows (settings = the shipped "Editing - DiffEdit" workflow's, at the benchmark's 20 steps):
   DiffEdit                   DiffEdit mask (n 10, ratio 0.5, threshold 0.5) + DDIM inversion to the ratio +
@@ -172,7 +174,9 @@ def double_rates(ctx, n: int, plain: float, progress=print) -> dict:
     """LEDITS++ with two edits in one pass (object 0's colour, object 1's shape): both, each edit, the implicit
     masks; per-case records."""
     recs, times, diags, evals = [], [], [], []
+    plains = []
     for k, case in enumerate(editbench.double_edit_cases(n)):
+        plains.append(editbench.plain_time(ctx, repeats=1, warmup=False))
         ctx.counter.rows = 0
         t = time.perf_counter()
         img = ledits_run(ctx, case, [(case.source.objects[i], case.target.objects[i]) for i in case.indices])
@@ -190,7 +194,7 @@ def double_rates(ctx, n: int, plain: float, progress=print) -> dict:
             "shape edit": str(scoring.rate([r["shape_ok"] for r in recs])),
             "PSNR outside (dB)": f"{sum(psnrs) / max(len(psnrs), 1):.2f}",
             "model evaluations": f"{sum(evals) / len(evals):.0f}",
-            "time vs plain": f"{sum(times) / len(times) / plain:.2f}x", **_mean_diag(diags), "records": recs}
+            "time vs plain": f"{sum(times) / sum(plains):.2f}x", **_mean_diag(diags), "records": recs}
 
 
 SEGA = {"scale": 5.0, "warmup": 4, "threshold": 0.95, "momentum_scale": 0.3, "momentum_beta": 0.6}
@@ -293,7 +297,9 @@ def run(per_split: int = 8, steps: int = 20, progress=print, rows=None, sega: in
         times = {name: [] for name, _ in ROWS}
         evals = {name: [] for name, _ in ROWS}
         diags = {name: [] for name, _ in ROWS}
+        plains = []              # one plain txt2img per case, between the rows: the time column's unit follows the load
         for k, case in enumerate(cases):
+            plains.append(editbench.plain_time(ctx, repeats=1, warmup=False))
             t, counter.rows = time.perf_counter(), 0
             mask = diffedit_mask(ctx, case, case.target_prompt) if needs_mask else None
             mask_times.append(time.perf_counter() - t)
@@ -323,6 +329,7 @@ def run(per_split: int = 8, steps: int = 20, progress=print, rows=None, sega: in
             if progress:
                 progress(f"[{k + 1}/{len(cases)}] {case.name}: IoU {ious[-1] if case.kind == 'colour' and ious else float('nan'):.2f} "
                          + " ".join(f"{n}={'ok' if records[n][-1]['success'] else 'x'}" for n, _ in ROWS))
+        plain = sum(plains) / max(len(plains), 1) if plains else plain
         double_row = double_rates(ctx, double, plain, progress=progress) if double else None
     rows = []
     for name, _ in ROWS:
