@@ -411,7 +411,7 @@ def main(argv=None):
         import quality_local
         out = os.path.join(os.path.abspath(a.results) if a.results else RESULTS, "local.json")
         per_split = a.per_split if a.per_split != 48 else 4     # 20 cases by default: the table takes minutes, not hours
-        return quality_local.main(["--per-split", str(per_split)]
+        return quality_local.main(["--per-split", str(per_split), "--double", "16", "--sega", "8"]
                                   + ([] if a.no_save else ["--json", out]))
     if a.only and [o.lower() for o in a.only] == ["layout"]:   # the layout table (bench/quality_layout.py)
         import quality_layout

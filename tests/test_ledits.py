@@ -148,3 +148,47 @@ def test_ledits_bad_inputs(tiny_eps, tiny_clip, encode):
 def test_parse_edits():
     e = ledits.parse_edits("+ a blue square [square] : 7\n# a comment\n- a red circle", 5.0, "N")
     assert e == [ledits.Edit("a blue square", False, 7.0, ("square",)), ledits.Edit("a red circle", True, 5.0, ())]
+
+
+def test_unmasked_caption_edit_is_the_prompt_swap(tiny_eps, tiny_clip, encode):
+    """An independent reference for the edit term's sign, its base, its row and the reuse of the DDPM noise maps:
+    with every implicit mask the whole image (threshold 0), '- source caption' and '+ target caption' at scale s
+    give d_base + s (d_tgt - d_u) - s (d_src - d_u), and with s = the inversion's cfg that IS the plain replay of the
+    same inversion with the target caption at that cfg (EditKit Inversion Sampler, no LEDITS++ code involved)."""
+    from ek_inversion_helpers import edit
+    target = "a blue square on a white background"
+    inv = _invert(tiny_eps, encode, steps=5, skip=1, cfg=3.5)
+    got, _, _ = _ledits(tiny_eps, tiny_clip, inv, f"- {SOURCE} : 3.5\n+ {target} : 3.5", threshold=0.0, output="target")
+    want, _ = edit(tiny_eps, inv, encode(target), encode(""), cfg=3.5, output="target")
+    recon = tiny_eps.model.process_latent_out(inv.latents[-1].float())
+    assert float((want - recon).abs().max()) > 1e-2                    # the swap does change the image
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    flipped, _, _ = _ledits(tiny_eps, tiny_clip, inv, f"+ {SOURCE} : 3.5\n- {target} : 3.5", threshold=0.0, output="target")
+    assert float((flipped - want).abs().max()) > 1e-2                  # the signs matter
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    from editkit.builtin_models import tiny
+    return tiny.tiny_sd3(seed=0)
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_ledits_on_dits(arch, tiny_flux, tiny_sd3, tiny_clip, encode):
+    """The mechanism transfers to DiTs (joint attention: the concept's text-token maps at the token grid): scale 0
+    IS the replay, and on a pixel-local denoiser run after the real DiT (whose maps are captured) the edit
+    changes the image only inside the implicit masks."""
+    model = tiny_flux if arch == "flux" else tiny_sd3
+    lat = latent(3, channels=16)
+    inv = _invert(model, encode, steps=4, skip=1, cfg=1.0, lat=lat)
+    both, mask, _ = _ledits(model, tiny_clip, inv, "+ a blue square\n- a red circle [circle]", scale=0.0)
+    clean = model.model.process_latent_out(inv.latents[-1].float())
+    torch.testing.assert_close(both, torch.cat([clean, clean]), rtol=0, atol=1e-4)
+    m = model.clone()
+    m.set_model_unet_function_wrapper(LocalDenoiser(True, channels=16, maps_scale=4.0))
+    inv = _invert(m, encode, steps=4, cfg=1.0, lat=lat)
+    both, mask, _ = _ledits(m, tiny_clip, inv, "+ a blue square : 8", threshold=0.8)
+    union = mask[0, ::8, ::8] > 0
+    assert 0 < int(union.sum()) < 64
+    diff = (both[1:] - both[:1]).abs().amax(dim=1)[0]
+    assert float(diff[~union].max()) < 1e-5 and float(diff[union].max()) > 1e-2

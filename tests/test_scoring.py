@@ -112,6 +112,33 @@ def test_local_edit_keeps_the_other_object():
         assert not c.score(_erase(c.target, j).render()).ok
 
 
+def test_two_edits_in_one_pass():
+    """score_edits: both edited objects must reach their targets (a half-done edit fails and says which
+    object), the bystander rule still holds for the rest, and a reshaped object may sit on its centred
+    footprint; score_edit is score_edits of one object."""
+    cases = editbench.double_edit_cases(6)
+    assert len({c.seed for c in cases}) == 6
+    for c in cases:
+        a, b = c.source.objects, c.target.objects
+        assert a[0].color != b[0].color and a[0].shape == b[0].shape
+        assert a[1].shape != b[1].shape and a[1].color == b[1].color
+        assert b[0].color not in (c.source.background, b[1].color)
+        perfect = c.score(c.target.render())
+        assert perfect.ok and perfect.edited_ok == [True, True] and perfect.preserve_psnr == float("inf")
+        source = c.score(c.source.render())
+        assert not source.ok and source.edited_ok == [False, False]
+        half = c.score(c.source.with_object(0, color=b[0].color).render())      # only the colour edit done
+        assert not half.ok and half.edited_ok == [True, False] and half.why.startswith(b[1].phrase)
+        alt = scoring.centred_footprint(c.source, c.target, 1)
+        if alt is not None:
+            s = c.score(alt.render())
+            assert s.ok and s.footprint == "box+centroid"
+        one = scoring.score_edits(c.target.render(), c.source, c.source.with_object(0, color=b[0].color), (0,))
+        single = scoring.score_edit(c.target.render(), c.source, c.source.with_object(0, color=b[0].color), 0)
+        assert (one.ok, one.footprint, one.preserve_psnr) == (single.ok, single.footprint, single.preserve_psnr)
+        assert not one.ok and not one.others_ok                                 # object 1 reshaped: not kept
+
+
 def test_drag_scores():
     cases = editbench.drag_cases(16)
     assert cases == editbench.drag_cases(16)

@@ -128,6 +128,54 @@ def edit_cases(per_split: int = 48, seed0: int = 50_000, n_objects: int = 1) -> 
     return cases
 
 
+@dataclass(frozen=True)
+class DoubleEditCase:
+    """Two objects edited in one pass: object 0 recoloured and object 1 reshaped (LEDITS++'s several
+    edits); scored by scoring.score_edits."""
+    name: str
+    source: world.Scene
+    target: world.Scene
+    seed: int
+    indices: tuple = (0, 1)
+    kind: str = "colour + shape"
+
+    @property
+    def source_prompt(self) -> str:
+        return self.source.caption
+
+    @property
+    def target_prompt(self) -> str:
+        return self.target.caption
+
+    def source_image(self) -> torch.Tensor:
+        return torch.from_numpy(self.source.render())
+
+    def score(self, edited, source_image=None) -> scoring.EditScore:
+        return scoring.score_edits(edited, self.source, self.target, self.indices, source_image)
+
+
+def double_edit_cases(n: int = 16, seed0: int = 70_000) -> list[DoubleEditCase]:
+    """Fixed two-object cases (trained captions only): object 0 gets a new colour (never the background's
+    or object 1's), object 1 a new shape; one case per source scene, consecutive seeds from seed0."""
+    cases = []
+    seed = seed0 - 1
+    while len(cases) < n:
+        seed += 1
+        src = world.sample_scene(seed, n_objects=2, split="train")
+        rng = np.random.default_rng([seed, 0xD0B1])
+        a, b = src.objects
+        colours = [c for c in world.COLOR_NAMES if c not in (src.background, a.color, b.color)
+                   and not world.is_held_out(c, a.shape, src.background)]
+        shapes = [s for s in world.SHAPES if s != b.shape and not world.is_held_out(b.color, s, src.background)]
+        if not colours or not shapes:
+            continue
+        tgt = src.with_object(0, color=colours[int(rng.integers(len(colours)))])
+        tgt = tgt.with_object(1, shape=shapes[int(rng.integers(len(shapes)))])
+        name = f"#{seed} {a.phrase} -> {tgt.objects[0].phrase}, {b.phrase} -> {tgt.objects[1].phrase} on {src.background}"
+        cases.append(DoubleEditCase(name, src, tgt, seed))
+    return cases
+
+
 DRAG_LONG = 22.0   # px: drags up to this are "drag short", longer ones "drag long"
 
 

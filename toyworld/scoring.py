@@ -8,6 +8,7 @@ the asked colour and shape, every other object unchanged and nothing extra in th
     score_scene(image, scene)                the image should show exactly `scene` (the core test)
     score_edit(edited, source, target, i)    attribute edit of object i in place (colour / shape swaps,
                                              local edits in two-object scenes: the other object must stay)
+    score_edits(edited, source, target, ix)  several objects edited in one pass (LEDITS++'s two edits)
     score_drag(edited, source, target, i)    object i moved to where `target` has it; the others stay put
     score_prompt(image, prompt, regions)     txt2img: the prompt's objects, optionally each centroid in a
                                              given box or mask (layout); caching and personalization too
@@ -291,6 +292,7 @@ class EditScore:
     position_free: bool            # the old reading: checker.check(edited, target) colours, shapes, background
     preserve_psnr: float           # dB against the source outside the edited object (both footprints, dilated)
     footprint: str = "box"         # which ground-truth footprint of a new shape was met: "box" or "centroid"
+    indices: tuple = ()            # every edited object (score_edits); () = (index,)
 
     @property
     def ok(self) -> bool:
@@ -301,9 +303,15 @@ class EditScore:
         return self.scene.objects[self.index]
 
     @property
+    def edited_ok(self) -> list:
+        """Per edited object (score_edits' order): in place with its target colour and shape."""
+        return [self.scene.objects[i].ok for i in (self.indices or (self.index,))]
+
+    @property
     def others_ok(self) -> bool:
-        """Every object other than the edited one is where it was, with its colour and shape."""
-        return all(o.ok for i, o in enumerate(self.scene.objects) if i != self.index)
+        """Every object other than the edited ones is where it was, with its colour and shape."""
+        edited = set(self.indices or (self.index,))
+        return all(o.ok for i, o in enumerate(self.scene.objects) if i not in edited)
 
     @property
     def why(self) -> str:
@@ -340,19 +348,40 @@ def score_edit(edited, source: Scene, target: Scene, index: int = 0, source_imag
     ("centroid", centred_footprint): both keep the object where it was, the better one counts.
     Preservation: PSNR against `source_image` (default: the clean source render) outside the edited
     object's source and target footprints, dilated by PRESERVE_DILATE px."""
+    return score_edits(edited, source, target, (index,), source_image)
+
+
+def score_edits(edited, source: Scene, target: Scene, indices, source_image=None) -> EditScore:
+    """score_edit for several objects edited in one pass (e.g. object 0's colour and object 1's shape):
+    target differs from source in the objects `indices`; success = every one of them in place with its
+    target colour and shape, the rest unchanged (score_scene(edited, target).ok). Each reshaped object may
+    meet its box or its centred footprint (every combination is tried, the best counts: success first,
+    then the summed IoU of the edited objects); preservation is measured outside all their footprints.
+    `footprint` names each edited object's footprint, joined by "+"."""
+    indices = tuple(int(i) for i in indices)
     src_img = source.render() if source_image is None else source_image
-    sc, footprint = score_scene(edited, target), "box"
-    masks = [source.masks()[index], target.masks()[index]]
-    alt = centred_footprint(source, target, index) if source.objects[index].shape != target.objects[index].shape else None
-    if alt is not None:
-        masks.append(alt.masks()[index])
-        sc_alt = score_scene(edited, alt)
-        if (sc_alt.ok, sc_alt.objects[index].iou) > (sc.ok, sc.objects[index].iou):
-            sc, footprint = sc_alt, "centroid"
+    masks = [m for i in indices for m in (source.masks()[i], target.masks()[i])]
+    reshaped = [i for i in indices if source.objects[i].shape != target.objects[i].shape]
+    best = None
+    for moved in itertools.product((False, True), repeat=len(reshaped)):
+        scene = target
+        for i, m in zip(reshaped, moved):
+            alt = centred_footprint(source, scene, i) if m else scene
+            if alt is None:
+                break
+            scene = alt
+        else:
+            sc = score_scene(edited, scene)
+            masks += [scene.masks()[i] for i, m in zip(reshaped, moved) if m]
+            key = (sc.ok, sum(sc.objects[i].iou for i in indices))
+            if best is None or key > best[0]:
+                names = dict(zip(reshaped, moved))
+                best = (key, sc, "+".join("centroid" if names.get(i) else "box" for i in indices))
+    _, sc, footprint = best
     v = checker.check(edited, target)
     keep = preserve_region(*masks)
-    return EditScore(sc, index, bool(v.background_ok and v.colors_ok and v.shapes_ok), psnr(edited, src_img, keep),
-                     footprint)
+    return EditScore(sc, indices[0], bool(v.background_ok and v.colors_ok and v.shapes_ok), psnr(edited, src_img, keep),
+                     footprint, indices if len(indices) > 1 else ())
 
 
 @dataclass
