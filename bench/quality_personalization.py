@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 
 import numpy as np
@@ -47,6 +48,10 @@ PLACEHOLDER, IDENTIFIER, INIT_WORD = "<star>", "sks", "circle"
 # background"): "a <token> on a <bg> background" alone leaves the toy model without its colour slot and it
 # misreads the background too (measured: 0/16 for every method).
 PHRASE_A = "an orange {token}"
+# The star's size as a fraction of the frame. The toy VAE (8x downsampling, 16x16 latents) rounds smaller stars
+# off: a rendered star of 0.45-0.65 of the frame reads back as a star after encode/decode in 10/28 cases (as a
+# circle or triangle otherwise); 0.65-0.80 in 28/28. Larger than the toy world's own single objects (0.30-0.60).
+STAR_SIZE = (0.65, 0.80)
 
 
 def star_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -68,11 +73,11 @@ def star_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 VOCAB = world.BASE.with_shape(CONCEPT_SHAPE, star_inside)
 
 
-def training_scenes(n: int = 6, seed: int = 0) -> list:
+def training_scenes(n: int = 6, seed: int = 0, size: tuple = STAR_SIZE) -> list:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        s = int(round(rng.uniform(0.45, 0.65) * world.IMAGE_SIZE))
+        s = int(round(rng.uniform(*size) * world.IMAGE_SIZE))
         x = int(rng.integers(world.MARGIN, world.IMAGE_SIZE - world.MARGIN - s + 1))
         y = int(rng.integers(world.MARGIN, world.IMAGE_SIZE - world.MARGIN - s + 1))
         obj = world.ToyObject(CONCEPT_SHAPE, CONCEPT_COLOR, x, y, s)
@@ -80,8 +85,36 @@ def training_scenes(n: int = 6, seed: int = 0) -> list:
     return out
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class PeakRss:
+    """Peak resident memory of this process inside a `with` block, above its level at entry (MB). A thread reads
+    /proc/self/statm every 10 ms: the process-wide ru_maxrss cannot tell a row's peak once an earlier row went
+    higher. Hosts without /proc fall back to the ru_maxrss increase."""
+
+    def __enter__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._proc = os.path.exists("/proc/self/statm")
+        self.start = self._now()
+        self.peak, self._done = self.start, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _now(self) -> float:
+        if self._proc:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page / 2 ** 20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def _poll(self):
+        while not self._done.wait(0.01):
+            self.peak = max(self.peak, self._now())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._now())
+        self.mb = self.peak - self.start
+        return False
 
 
 def _sample(model, clip, vae, conds, seeds, steps, cfg):
@@ -121,10 +154,53 @@ def prior_accuracy(model, clip, vae, n, steps, cfg, name):
     return records
 
 
+def core_train_lora(model, clip, vae, images, captions, steps: int, lr: float, rank: int):
+    """Core ComfyUI's `TrainLoraNode` (comfy_extras/nodes_train.py) as a graph runs it: its V3 execute with every
+    input as a list (the node declares is_input_list), latents from the toy VAE's encode (ComfyUI applies
+    process_latent_in itself), one CONDITIONING per caption from the toy CLIP, its defaults for what EditKit
+    has no counterpart of (AdamW, MSE, bf16 training and LoRA dtypes, gradient checkpointing; it wraps every
+    weight and bias of the UNet, LoRA alpha 1). The LoRA it outputs is applied by core's LoraModelLoader.
+
+    Returns (model with the LoRA, losses, note). A single latent batch (one VAE Encode of the image batch)
+    fails inside the node in 0.3.75 (its `multi_res` flag is only set for list inputs); the note says so and
+    the row then passes the latents as a list of one-image latents, as a list-producing loader would."""
+    from comfy_extras import nodes_train as NT
+    with torch.inference_mode():
+        lat = vae.encode(images)
+    pos = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in captions]
+    common = dict(model=[model], positive=pos, batch_size=[1], steps=[int(steps)], grad_accumulation_steps=[1],
+                  learning_rate=[float(lr)], rank=[int(rank)], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+                  training_dtype=["bf16"], lora_dtype=["bf16"], algorithm=[list(NT.adapter_maps)[0]],
+                  gradient_checkpointing=[True], existing_lora=["[None]"])
+    note = ""
+    try:
+        NT.TrainLoraNode.execute(latents=[{"samples": lat}], **{**common, "steps": [1]})
+    except Exception as e:     # noqa: BLE001 -- the row reports core's own error
+        note = f"one latent batch: {type(e).__name__}: {e}; run with a list of {len(lat)} latents"
+    out = NT.TrainLoraNode.execute(latents=[{"samples": x[None]} for x in lat], **common)
+    _, lora, loss_map, _ = out.result
+    trained = NT.LoraModelLoader.execute(model, lora, 1.0).result[0]
+    return trained, list(loss_map["loss"]), note
+
+
+def lora_keys(model, targets: str) -> list[str]:
+    """The weights a DreamBooth-LoRA trains: "attention" (the training core's recipe: every attention projection)
+    or "all" (every Linear and Conv weight of the UNet, as core's TrainLoraNode wraps)."""
+    from editkit.training import lora as TL
+    if targets == "attention":
+        return TL.target_keys(model, TL.ATTENTION)
+    return ["diffusion_model." + n for n, p in model.model.diffusion_model.named_parameters()
+            if n.endswith(".weight") and p.ndim >= 2]
+
+
+def _loss_span(losses) -> list:
+    return [round(float(np.mean(losses[:10])), 4), round(float(np.mean(losses[-10:])), 4)]
+
+
 def run(a) -> dict:
     import comfy.utils
     from editkit.training import custom_diffusion as CD
-    from editkit.training import dreambooth, loop
+    from editkit.training import loop
     from editkit.training import lora as TL
     from editkit.training import textual_inversion as TI
     comfy.utils.set_progress_bar_enabled(False)
@@ -139,77 +215,96 @@ def run(a) -> dict:
         base_prior = prior_accuracy(model, clip, vae, prior_n, steps, cfg, "base")
     cases += base_prior
     base_rate = scoring.rate(r["ok"] for r in base_prior)
+    only = set(a.methods.split(","))
 
     def caption(token, bg):
         return f"{PHRASE_A.format(token=token)} on a {bg} background"
 
-    # --- textual inversion
-    caps = [caption(PLACEHOLDER, s.background) for s in scenes]
-    rss0, t0 = _rss_mb(), time.perf_counter()
-    with torch.inference_mode():
-        vectors, res = TI.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
-                                loop.Settings(steps=a.steps_ti, learning_rate=5e-3, weight_decay=0.0, seed=0))
-    t_ti, m_ti = time.perf_counter() - t0, _rss_mb() - rss0
-
-    def ti_prompt(bg, vectors=vectors):
+    def ti_prompt(bg, vectors):
         cap = TI.prepare_caption(clip, caption(PLACEHOLDER, bg), PLACEHOLDER, INIT_WORD, 1)
         return clip.encode_from_tokens_scheduled(TI.tokens_with(cap, vectors))
 
-    with torch.inference_mode():
-        recs = concept_accuracy(model, clip, vae, ti_prompt, a.n_eval, steps, cfg, "textual inversion")
-    cases += recs
-    rows.append({"method": "textual inversion", "settings": f"{a.steps_ti} steps, lr 5e-3, 1 vector from '{INIT_WORD}'",
-                 "concept": str(scoring.rate(r["ok"] for r in recs)), "prior": f"{base_rate} (model unchanged)",
-                 "train_seconds": round(t_ti, 1), "peak_rss_mb": round(m_ti, 1),
-                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
-    print(json.dumps(rows[-1]), flush=True)
+    def id_prompt(bg):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(caption(IDENTIFIER, bg)))
 
-    # --- DreamBooth-LoRA (no prior preservation: its effect is measured by the prior column)
+    def add_row(method, settings, recs, prior, seconds, mem, losses, note=""):
+        nonlocal cases
+        cases += recs + (prior or [])
+        rows.append({"method": method, "settings": settings, "concept": str(scoring.rate(r["ok"] for r in recs)),
+                     "prior": (f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}" if prior
+                               else f"{base_rate} (model unchanged)"),
+                     "train_seconds": round(seconds, 1), "peak_rss_mb": round(mem, 1), "loss": _loss_span(losses),
+                     "note": note})
+        print(json.dumps(rows[-1]), flush=True)
+
+    caps = [caption(PLACEHOLDER, s.background) for s in scenes]
     inst = [caption(IDENTIFIER, s.background) for s in scenes]
-    conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
-    rss0, t0 = _rss_mb(), time.perf_counter()
-    with torch.inference_mode():
-        lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=a.rank, seed=0)
-        ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
-        res = loop.train(model, conds, ex, lo.parameters(),
-                         loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
-                         stop=lambda: False)
-    t_db, m_db = time.perf_counter() - t0, _rss_mb() - rss0
-    db_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
-    with torch.inference_mode():
-        recs = concept_accuracy(db_model, clip, vae,
-                                lambda bg: clip.encode_from_tokens_scheduled(clip.tokenize(caption(IDENTIFIER, bg))),
-                                a.n_eval, steps, cfg, "DreamBooth-LoRA")
-        prior = prior_accuracy(db_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA prior")
-    cases += recs + prior
-    rows.append({"method": "DreamBooth-LoRA", "settings": f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank}, "
-                 f"identifier '{IDENTIFIER}', no class images",
-                 "concept": str(scoring.rate(r["ok"] for r in recs)),
-                 "prior": f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}",
-                 "train_seconds": round(t_db, 1), "peak_rss_mb": round(m_db, 1),
-                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
-    print(json.dumps(rows[-1]), flush=True)
+    if "ti" in only:      # --- textual inversion
+        with PeakRss() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            vectors, res = TI.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
+                                    loop.Settings(steps=a.steps_ti, learning_rate=a.lr_ti, weight_decay=0.0, seed=0))
+            seconds = time.perf_counter() - t0
+        with torch.inference_mode():
+            recs = concept_accuracy(model, clip, vae, lambda bg: ti_prompt(bg, vectors), a.n_eval, steps, cfg,
+                                    "textual inversion")
+        add_row("textual inversion", f"{a.steps_ti} steps, lr {a.lr_ti:g}, 1 vector from '{INIT_WORD}'", recs, None,
+                seconds, mem.mb, res.losses)
 
-    # --- Custom Diffusion (cross-attention K/V + the token)
-    rss0, t0 = _rss_mb(), time.perf_counter()
-    with torch.inference_mode():
-        concept, diffs, res = CD.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
-                                       loop.Settings(steps=a.steps_cd, learning_rate=a.lr_cd, seed=0), stop=lambda: False)
-    t_cd, m_cd = time.perf_counter() - t0, _rss_mb() - rss0
-    cd_model, _ = TL.apply_saved(model, None, diffs.state_dict(), 1.0, 0.0)
-    cd_vec = {k: v.detach() for k, v in concept.vectors.items()}
-    with torch.inference_mode():
-        recs = concept_accuracy(cd_model, clip, vae, lambda bg: ti_prompt(bg, cd_vec), a.n_eval, steps, cfg,
-                                "Custom Diffusion")
-        prior = prior_accuracy(cd_model, clip, vae, prior_n, steps, cfg, "Custom Diffusion prior")
-    cases += recs + prior
-    rows.append({"method": "Custom Diffusion", "settings": f"{a.steps_cd} steps, lr {a.lr_cd:g}, K/V + token from "
-                 f"'{INIT_WORD}', no class images",
-                 "concept": str(scoring.rate(r["ok"] for r in recs)),
-                 "prior": f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}",
-                 "train_seconds": round(t_cd, 1), "peak_rss_mb": round(m_cd, 1),
-                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
-    print(json.dumps(rows[-1]), flush=True)
+    if "db" in only:      # --- DreamBooth-LoRA (no class images: the prior column measures what that costs)
+        conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
+        with PeakRss() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
+            res = loop.train(model, conds, [loop.Example(x, f"c{i}") for i, x in enumerate(x0)], lo.parameters(),
+                             loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
+                             stop=lambda: False)
+            seconds = time.perf_counter() - t0
+        db_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
+        with torch.inference_mode():
+            recs = concept_accuracy(db_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "DreamBooth-LoRA")
+            prior = prior_accuracy(db_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA prior")
+        add_row("DreamBooth-LoRA", f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank}, {a.lora_targets} "
+                f"{'weights' if a.lora_targets == 'all' else 'projections'}, identifier '{IDENTIFIER}', no class images",
+                recs, prior, seconds, mem.mb, res.losses)
+
+    if "core" in only:    # --- core ComfyUI TrainLoraNode on the same images, captions and steps
+        with PeakRss() as mem:
+            t0 = time.perf_counter()
+            try:
+                core_model, losses, note = core_train_lora(model, clip, vae, imgs, inst, a.steps_lora, a.lr_lora, a.rank)
+                err = None
+            except Exception as e:    # noqa: BLE001 -- the row says why core cannot train this model
+                err = f"{type(e).__name__}: {e}"
+            seconds = time.perf_counter() - t0
+        settings = (f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank} (alpha 1), every weight and bias, "
+                    f"bf16, AdamW, MSE on x0, identifier '{IDENTIFIER}'")
+        if err:
+            rows.append({"method": "core TrainLoraNode", "settings": settings, "concept": f"cannot train: {err}",
+                         "prior": "-", "train_seconds": round(seconds, 1), "peak_rss_mb": round(mem.mb, 1),
+                         "loss": [float("nan")] * 2, "note": err})
+            print(json.dumps(rows[-1]), flush=True)
+        else:
+            with torch.inference_mode():
+                recs = concept_accuracy(core_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "core TrainLoraNode")
+                prior = prior_accuracy(core_model, clip, vae, prior_n, steps, cfg, "core TrainLoraNode prior")
+            add_row("core TrainLoraNode", settings, recs, prior, seconds, mem.mb, losses, note)
+
+    if "cd" in only:      # --- Custom Diffusion (cross-attention K/V + the token)
+        with PeakRss() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            concept, diffs, res = CD.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
+                                           loop.Settings(steps=a.steps_cd, learning_rate=a.lr_cd, seed=0),
+                                           stop=lambda: False)
+            seconds = time.perf_counter() - t0
+        cd_model, _ = TL.apply_saved(model, None, diffs.state_dict(), 1.0, 0.0)
+        cd_vec = {k: v.detach() for k, v in concept.vectors.items()}
+        with torch.inference_mode():
+            recs = concept_accuracy(cd_model, clip, vae, lambda bg: ti_prompt(bg, cd_vec), a.n_eval, steps, cfg,
+                                    "Custom Diffusion")
+            prior = prior_accuracy(cd_model, clip, vae, prior_n, steps, cfg, "Custom Diffusion prior")
+        add_row("Custom Diffusion", f"{a.steps_cd} steps, lr {a.lr_cd:g}, K/V + token from '{INIT_WORD}', "
+                "no class images", recs, prior, seconds, mem.mb, res.losses)
     from common import host_line
     data = {"rows": rows, "images": a.images, "eval": len(EVAL_BACKGROUNDS) * a.n_eval, "prior_n": prior_n,
             "sample_steps": steps, "cfg": cfg, "host": host_line()}
@@ -232,7 +327,7 @@ def _train_db(model, x0, captions, clip, a):
     from editkit.training import loop
     from editkit.training import lora as TL
     conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(captions)}
-    lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=a.rank, seed=0)
+    lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
     ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
     loop.train(model, conds, ex, lo.parameters(), loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0),
                install=lo.install, stop=lambda: False)
@@ -317,11 +412,14 @@ def table(data: dict) -> str:
              f"{', '.join(TRAIN_BACKGROUNDS)} backgrounds; concept accuracy over {data['eval']} samples on held-out "
              f"backgrounds ({', '.join(EVAL_BACKGROUNDS)}); prior = held-out single-object accuracy "
              f"(n = {data['prior_n']}); {data['sample_steps']} steps, CFG {data['cfg']:g}; {data.get('host', '')}", "",
-             "| method | settings | concept accuracy | prior (with / base) | training time | peak RSS + (MB) | loss first 10 -> last 10 |",
+             "| method | settings | concept accuracy | prior (with / base) | training time | peak RSS + (MB, this row) | loss first 10 -> last 10 |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['method']} | {r['settings']} | {r['concept']} | {r['prior']} | {r['train_seconds']} s | "
                      f"{r['peak_rss_mb']} | {r['loss'][0]} -> {r['loss'][1]} |")
+    notes = [f"{r['method']}: {r['note']}" for r in data["rows"] if r.get("note")]
+    if notes:
+        lines += [""] + notes
     if data.get("fusion"):
         lines.append(fusion_table(data["fusion"]))
     return "\n".join(lines)
@@ -334,7 +432,10 @@ def write_readme(data: dict, path: str = README) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=6)
+    p.add_argument("--methods", default="ti,db,core,cd", help="rows to run: ti, db, core (TrainLoraNode), cd")
     p.add_argument("--steps-ti", type=int, default=300)
+    p.add_argument("--lr-ti", type=float, default=5e-3)
+    p.add_argument("--lora-targets", choices=("attention", "all"), default="attention")
     p.add_argument("--steps-lora", type=int, default=300)
     p.add_argument("--steps-cd", type=int, default=300)
     p.add_argument("--lr-lora", type=float, default=1e-3)
