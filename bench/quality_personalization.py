@@ -351,6 +351,8 @@ def run_fusion(a) -> dict:
     import comfy.utils
     from editkit.lora import formats, fusion, merge
     comfy.utils.set_progress_bar_enabled(False)
+    a = argparse.Namespace(**{**vars(a), "steps_lora": a.fusion_steps, "rank": a.fusion_rank,
+                              "lora_targets": a.fusion_targets})
     model, clip, vae = toy.load_toy()
     sets = [(colour_scenes(FIRST_COLOR, FIRST_SHAPE, a.images, seed=2), PHRASE_1),
             (colour_scenes(SECOND_COLOR, SECOND_SHAPE, a.images, seed=1), PHRASE_B)]
@@ -454,14 +456,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--methods", default=DEFAULT_METHODS, help="rows to run: ti, db, core (TrainLoraNode), cd")
-    p.add_argument("--steps-ti", type=int, default=300)
-    p.add_argument("--lr-ti", type=float, default=5e-3)
-    p.add_argument("--lora-targets", choices=("attention", "all"), default="attention")
-    p.add_argument("--steps-lora", type=int, default=300)
-    p.add_argument("--steps-cd", type=int, default=300)
+    p.add_argument("--steps-ti", type=int, default=1000)
+    p.add_argument("--lr-ti", type=float, default=5e-4)
+    p.add_argument("--lora-targets", choices=("attention", "all"), default="all")
+    p.add_argument("--steps-lora", type=int, default=2400)
+    p.add_argument("--steps-cd", type=int, default=1200)
     p.add_argument("--lr-lora", type=float, default=1e-3)
-    p.add_argument("--lr-cd", type=float, default=1e-4)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lr-cd", type=float, default=5e-4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--fusion-steps", type=int, default=400, help="steps of each fusion concept's LoRA")
+    p.add_argument("--fusion-rank", type=int, default=4)
+    p.add_argument("--fusion-targets", choices=("attention", "all"), default="attention")
     p.add_argument("--n-eval", type=int, default=4, help="seeds per held-out background")
     p.add_argument("--n-prior", type=int, default=12, help="held-out single-object prompts for the prior column")
     p.add_argument("--sample-steps", type=int, default=20)
