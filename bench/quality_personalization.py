@@ -1,25 +1,29 @@
 """Personalization table on the toy world: `bench/quality.py --only personalization`, or
 
-    .venv/bin/python bench/quality_personalization.py [--steps-ti 300] [--steps-lora 300] [--n-eval 4] [--write-readme]
+    .venv/bin/python bench/quality_personalization.py [--methods ti,db,core,cd] [--steps-ti N] [--steps-lora N]
+        [--lora-targets attention|all] [--rank R] [--n-eval 4] [--write-readme]   (--fusion-only: the merge rows)
 
 The concept is a shape the toy model never saw: an orange five-pointed star (`world.BASE.with_shape("star",
 ...)`; the toy model's training data has circles, squares and triangles only). Six rendered images of it
-(random size and place) on three training backgrounds teach it, captioned "a <token> on a <bg> background",
-to textual inversion, DreamBooth-LoRA and Custom Diffusion (the training core, on the trained toy model).
-Concept accuracy: `scoring.score_prompt` with the extended vocabulary of "an orange star on a <bg>
-background" for samples of "a <token> on a <bg> background" over held-out backgrounds (never in the
-training images), n = backgrounds x seeds. Prior preservation: the base model's held-out single-object
-accuracy (world.held_out_triples) without and with the trained LoRA loaded. Training time is wall time on
-this host; peak memory is the process's peak RSS increase while training (CPU).
+(0.65-0.80 of the frame: smaller stars do not survive the toy VAE) on three training backgrounds teach it,
+captioned "an orange <token> on a <bg> background", to textual inversion, DreamBooth-LoRA and Custom Diffusion
+(the training core, on the trained toy model), and to core ComfyUI's TrainLoraNode (same images, captions and
+steps). Concept accuracy: `scoring.score_prompt` with the extended vocabulary of "an orange star on a <bg>
+background" over held-out backgrounds (never in the training images), n = backgrounds x seeds. Prior
+preservation: the base model's held-out single-object accuracy (world.held_out_triples) without and with the
+trained weights loaded. Training time is wall time on this host; peak memory is the row's own peak RSS above its
+start (PeakRss). The fusion rows merge two colour concepts (see FIRST_COLOR).
 
-Results: bench/results/quality/personalization.json and cases/personalization-*.csv; --write-readme rewrites
-the README between <!-- bench-quality-personalization:begin --> and <!-- ...:end -->.
+Results: bench/results/quality/personalization.json and cases/personalization*.csv (a --methods subset replaces
+only its own rows); --write-readme rewrites the README between <!-- bench-quality-personalization:begin --> and
+<!-- ...:end -->.
 """
 import argparse
 import json
 import os
 import resource
 import sys
+import threading
 import time
 
 import numpy as np
@@ -47,6 +51,10 @@ PLACEHOLDER, IDENTIFIER, INIT_WORD = "<star>", "sks", "circle"
 # background"): "a <token> on a <bg> background" alone leaves the toy model without its colour slot and it
 # misreads the background too (measured: 0/16 for every method).
 PHRASE_A = "an orange {token}"
+# The star's size as a fraction of the frame. The toy VAE (8x downsampling, 16x16 latents) rounds smaller stars
+# off: a rendered star of 0.45-0.65 of the frame reads back as a star after encode/decode in 10/28 cases (as a
+# circle or triangle otherwise); 0.65-0.80 in 28/28. Larger than the toy world's own single objects (0.30-0.60).
+STAR_SIZE = (0.65, 0.80)
 
 
 def star_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -68,11 +76,11 @@ def star_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 VOCAB = world.BASE.with_shape(CONCEPT_SHAPE, star_inside)
 
 
-def training_scenes(n: int = 6, seed: int = 0) -> list:
+def training_scenes(n: int = 6, seed: int = 0, size: tuple = STAR_SIZE) -> list:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        s = int(round(rng.uniform(0.45, 0.65) * world.IMAGE_SIZE))
+        s = int(round(rng.uniform(*size) * world.IMAGE_SIZE))
         x = int(rng.integers(world.MARGIN, world.IMAGE_SIZE - world.MARGIN - s + 1))
         y = int(rng.integers(world.MARGIN, world.IMAGE_SIZE - world.MARGIN - s + 1))
         obj = world.ToyObject(CONCEPT_SHAPE, CONCEPT_COLOR, x, y, s)
@@ -80,8 +88,36 @@ def training_scenes(n: int = 6, seed: int = 0) -> list:
     return out
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class PeakRss:
+    """Peak resident memory of this process inside a `with` block, above its level at entry (MB). A thread reads
+    /proc/self/statm every 10 ms: the process-wide ru_maxrss cannot tell a row's peak once an earlier row went
+    higher. Hosts without /proc fall back to the ru_maxrss increase."""
+
+    def __enter__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._proc = os.path.exists("/proc/self/statm")
+        self.start = self._now()
+        self.peak, self._done = self.start, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _now(self) -> float:
+        if self._proc:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page / 2 ** 20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def _poll(self):
+        while not self._done.wait(0.01):
+            self.peak = max(self.peak, self._now())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._now())
+        self.mb = self.peak - self.start
+        return False
 
 
 def _sample(model, clip, vae, conds, seeds, steps, cfg):
@@ -121,10 +157,53 @@ def prior_accuracy(model, clip, vae, n, steps, cfg, name):
     return records
 
 
+def core_train_lora(model, clip, vae, images, captions, steps: int, lr: float, rank: int):
+    """Core ComfyUI's `TrainLoraNode` (comfy_extras/nodes_train.py) as a graph runs it: its V3 execute with every
+    input as a list (the node declares is_input_list), latents from the toy VAE's encode (ComfyUI applies
+    process_latent_in itself), one CONDITIONING per caption from the toy CLIP, its defaults for what EditKit
+    has no counterpart of (AdamW, MSE, bf16 training and LoRA dtypes, gradient checkpointing; it wraps every
+    weight and bias of the UNet, LoRA alpha 1). The LoRA it outputs is applied by core's LoraModelLoader.
+
+    Returns (model with the LoRA, losses, note). A single latent batch (one VAE Encode of the image batch)
+    fails inside the node in 0.3.75 (its `multi_res` flag is only set for list inputs); the note says so and
+    the row then passes the latents as a list of one-image latents, as a list-producing loader would."""
+    from comfy_extras import nodes_train as NT
+    with torch.inference_mode():
+        lat = vae.encode(images)
+    pos = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in captions]
+    common = dict(model=[model], positive=pos, batch_size=[1], steps=[int(steps)], grad_accumulation_steps=[1],
+                  learning_rate=[float(lr)], rank=[int(rank)], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+                  training_dtype=["bf16"], lora_dtype=["bf16"], algorithm=[list(NT.adapter_maps)[0]],
+                  gradient_checkpointing=[True], existing_lora=["[None]"])
+    note = ""
+    try:
+        NT.TrainLoraNode.execute(latents=[{"samples": lat}], **{**common, "steps": [1]})
+    except Exception as e:     # noqa: BLE001 -- the row reports core's own error
+        note = f"one latent batch: {type(e).__name__}: {e}; run with a list of {len(lat)} latents"
+    out = NT.TrainLoraNode.execute(latents=[{"samples": x[None]} for x in lat], **common)
+    _, lora, loss_map, _ = out.result
+    trained = NT.LoraModelLoader.execute(model, lora, 1.0).result[0]
+    return trained, list(loss_map["loss"]), note
+
+
+def lora_keys(model, targets: str) -> list[str]:
+    """The weights a DreamBooth-LoRA trains: "attention" (the training core's recipe: every attention projection)
+    or "all" (every Linear and Conv weight of the UNet, as core's TrainLoraNode wraps)."""
+    from editkit.training import lora as TL
+    if targets == "attention":
+        return TL.target_keys(model, TL.ATTENTION)
+    return ["diffusion_model." + n for n, p in model.model.diffusion_model.named_parameters()
+            if n.endswith(".weight") and p.ndim >= 2]
+
+
+def _loss_span(losses) -> list:
+    return [round(float(np.mean(losses[:10])), 4), round(float(np.mean(losses[-10:])), 4)]
+
+
 def run(a) -> dict:
     import comfy.utils
     from editkit.training import custom_diffusion as CD
-    from editkit.training import dreambooth, loop
+    from editkit.training import loop
     from editkit.training import lora as TL
     from editkit.training import textual_inversion as TI
     comfy.utils.set_progress_bar_enabled(False)
@@ -139,100 +218,148 @@ def run(a) -> dict:
         base_prior = prior_accuracy(model, clip, vae, prior_n, steps, cfg, "base")
     cases += base_prior
     base_rate = scoring.rate(r["ok"] for r in base_prior)
+    only = set(a.methods.split(","))
 
     def caption(token, bg):
         return f"{PHRASE_A.format(token=token)} on a {bg} background"
 
-    # --- textual inversion
-    caps = [caption(PLACEHOLDER, s.background) for s in scenes]
-    rss0, t0 = _rss_mb(), time.perf_counter()
-    with torch.inference_mode():
-        vectors, res = TI.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
-                                loop.Settings(steps=a.steps_ti, learning_rate=5e-3, weight_decay=0.0, seed=0))
-    t_ti, m_ti = time.perf_counter() - t0, _rss_mb() - rss0
-
-    def ti_prompt(bg, vectors=vectors):
+    def ti_prompt(bg, vectors):
         cap = TI.prepare_caption(clip, caption(PLACEHOLDER, bg), PLACEHOLDER, INIT_WORD, 1)
         return clip.encode_from_tokens_scheduled(TI.tokens_with(cap, vectors))
 
-    with torch.inference_mode():
-        recs = concept_accuracy(model, clip, vae, ti_prompt, a.n_eval, steps, cfg, "textual inversion")
-    cases += recs
-    rows.append({"method": "textual inversion", "settings": f"{a.steps_ti} steps, lr 5e-3, 1 vector from '{INIT_WORD}'",
-                 "concept": str(scoring.rate(r["ok"] for r in recs)), "prior": f"{base_rate} (model unchanged)",
-                 "train_seconds": round(t_ti, 1), "peak_rss_mb": round(m_ti, 1),
-                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
-    print(json.dumps(rows[-1]), flush=True)
+    def id_prompt(bg):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(caption(IDENTIFIER, bg)))
 
-    # --- DreamBooth-LoRA (no prior preservation: its effect is measured by the prior column)
+    def add_row(method, settings, recs, prior, seconds, mem, losses, note=""):
+        nonlocal cases
+        cases += recs + (prior or [])
+        rows.append({"method": method, "settings": settings, "concept": str(scoring.rate(r["ok"] for r in recs)),
+                     "prior": (f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}" if prior
+                               else f"{base_rate} (model unchanged)"),
+                     "train_seconds": round(seconds, 1), "peak_rss_mb": round(mem, 1), "loss": _loss_span(losses),
+                     "note": note})
+        print(json.dumps(rows[-1]), flush=True)
+
+    caps = [caption(PLACEHOLDER, s.background) for s in scenes]
     inst = [caption(IDENTIFIER, s.background) for s in scenes]
-    conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
-    rss0, t0 = _rss_mb(), time.perf_counter()
-    with torch.inference_mode():
-        lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=a.rank, seed=0)
-        ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
-        res = loop.train(model, conds, ex, lo.parameters(),
-                         loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
-                         stop=lambda: False)
-    t_db, m_db = time.perf_counter() - t0, _rss_mb() - rss0
-    db_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
-    with torch.inference_mode():
-        recs = concept_accuracy(db_model, clip, vae,
-                                lambda bg: clip.encode_from_tokens_scheduled(clip.tokenize(caption(IDENTIFIER, bg))),
-                                a.n_eval, steps, cfg, "DreamBooth-LoRA")
-        prior = prior_accuracy(db_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA prior")
-    cases += recs + prior
-    rows.append({"method": "DreamBooth-LoRA", "settings": f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank}, "
-                 f"identifier '{IDENTIFIER}', no class images",
-                 "concept": str(scoring.rate(r["ok"] for r in recs)),
-                 "prior": f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}",
-                 "train_seconds": round(t_db, 1), "peak_rss_mb": round(m_db, 1),
-                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
-    print(json.dumps(rows[-1]), flush=True)
+    if "ti" in only:      # --- textual inversion
+        with PeakRss() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            vectors, res = TI.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
+                                    loop.Settings(steps=a.steps_ti, learning_rate=a.lr_ti, weight_decay=0.0, seed=0))
+            seconds = time.perf_counter() - t0
+        with torch.inference_mode():
+            recs = concept_accuracy(model, clip, vae, lambda bg: ti_prompt(bg, vectors), a.n_eval, steps, cfg,
+                                    "textual inversion")
+        add_row("textual inversion", f"{a.steps_ti} steps, lr {a.lr_ti:g}, 1 vector from '{INIT_WORD}'", recs, None,
+                seconds, mem.mb, res.losses)
 
-    # --- Custom Diffusion (cross-attention K/V + the token)
-    rss0, t0 = _rss_mb(), time.perf_counter()
-    with torch.inference_mode():
-        concept, diffs, res = CD.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
-                                       loop.Settings(steps=a.steps_cd, learning_rate=a.lr_cd, seed=0), stop=lambda: False)
-    t_cd, m_cd = time.perf_counter() - t0, _rss_mb() - rss0
-    cd_model, _ = TL.apply_saved(model, None, diffs.state_dict(), 1.0, 0.0)
-    cd_vec = {k: v.detach() for k, v in concept.vectors.items()}
-    with torch.inference_mode():
-        recs = concept_accuracy(cd_model, clip, vae, lambda bg: ti_prompt(bg, cd_vec), a.n_eval, steps, cfg,
-                                "Custom Diffusion")
-        prior = prior_accuracy(cd_model, clip, vae, prior_n, steps, cfg, "Custom Diffusion prior")
-    cases += recs + prior
-    rows.append({"method": "Custom Diffusion", "settings": f"{a.steps_cd} steps, lr {a.lr_cd:g}, K/V + token from "
-                 f"'{INIT_WORD}', no class images",
-                 "concept": str(scoring.rate(r["ok"] for r in recs)),
-                 "prior": f"{scoring.rate(r['ok'] for r in prior)} vs base {base_rate}",
-                 "train_seconds": round(t_cd, 1), "peak_rss_mb": round(m_cd, 1),
-                 "loss": [round(float(np.mean(res.losses[:10])), 4), round(float(np.mean(res.losses[-10:])), 4)]})
-    print(json.dumps(rows[-1]), flush=True)
+    if "db" in only:      # --- DreamBooth-LoRA (no class images: the prior column measures what that costs)
+        conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
+        with PeakRss() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
+            res = loop.train(model, conds, [loop.Example(x, f"c{i}") for i, x in enumerate(x0)], lo.parameters(),
+                             loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
+                             stop=lambda: False)
+            seconds = time.perf_counter() - t0
+        db_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
+        with torch.inference_mode():
+            recs = concept_accuracy(db_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "DreamBooth-LoRA")
+            prior = prior_accuracy(db_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA prior")
+        add_row("DreamBooth-LoRA", f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank}, {a.lora_targets} "
+                f"{'weights' if a.lora_targets == 'all' else 'projections'}, identifier '{IDENTIFIER}', no class images",
+                recs, prior, seconds, mem.mb, res.losses)
+
+    if "dbp" in only:     # --- DreamBooth-LoRA with prior preservation: the model's own samples of other prompts
+        from editkit.training import prior as TP
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        class_caps = [world.sample_scene(100 + i, 1, split="train").caption for i in range(a.class_images)]
+        conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
+        conds.update({f"p{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(class_caps)})
+        with PeakRss() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
+            for i in range(a.class_images):
+                lat, _ = TP.class_latents(model, conds[f"p{i}"], neg, tuple(x0.shape[1:]), 1, steps, cfg, seed=500 + i)
+                ex.append(loop.Example(model.model.process_latent_in(lat)[0], f"p{i}"))
+            lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
+            res = loop.train(model, conds, ex, lo.parameters(),
+                             loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
+                             stop=lambda: False)
+            seconds = time.perf_counter() - t0
+        dbp_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
+        with torch.inference_mode():
+            recs = concept_accuracy(dbp_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "DreamBooth-LoRA + class images")
+            prior = prior_accuracy(dbp_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA + class images prior")
+        add_row("DreamBooth-LoRA + class images", f"as above + {a.class_images} class images (the model's own samples "
+                "of training-split prompts, prior weight 1)", recs, prior, seconds, mem.mb, res.losses)
+
+    if "core" in only:    # --- core ComfyUI TrainLoraNode on the same images, captions and steps
+        with PeakRss() as mem:
+            t0 = time.perf_counter()
+            try:
+                core_model, losses, note = core_train_lora(model, clip, vae, imgs, inst, a.steps_lora, a.lr_lora, a.rank)
+                err = None
+            except Exception as e:    # noqa: BLE001 -- the row says why core cannot train this model
+                err = f"{type(e).__name__}: {e}"
+            seconds = time.perf_counter() - t0
+        settings = (f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank} (alpha 1), every weight and bias, "
+                    f"bf16, AdamW, MSE on x0, identifier '{IDENTIFIER}'")
+        if err:
+            rows.append({"method": "core TrainLoraNode", "settings": settings, "concept": f"cannot train: {err}",
+                         "prior": "-", "train_seconds": round(seconds, 1), "peak_rss_mb": round(mem.mb, 1),
+                         "loss": [float("nan")] * 2, "note": err})
+            print(json.dumps(rows[-1]), flush=True)
+        else:
+            with torch.inference_mode():
+                recs = concept_accuracy(core_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "core TrainLoraNode")
+                prior = prior_accuracy(core_model, clip, vae, prior_n, steps, cfg, "core TrainLoraNode prior")
+            add_row("core TrainLoraNode", settings, recs, prior, seconds, mem.mb, losses, note)
+
+    if "cd" in only:      # --- Custom Diffusion (cross-attention K/V + the token)
+        with PeakRss() as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            concept, diffs, res = CD.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
+                                           loop.Settings(steps=a.steps_cd, learning_rate=a.lr_cd, seed=0),
+                                           stop=lambda: False)
+            seconds = time.perf_counter() - t0
+        cd_model, _ = TL.apply_saved(model, None, diffs.state_dict(), 1.0, 0.0)
+        cd_vec = {k: v.detach() for k, v in concept.vectors.items()}
+        with torch.inference_mode():
+            recs = concept_accuracy(cd_model, clip, vae, lambda bg: ti_prompt(bg, cd_vec), a.n_eval, steps, cfg,
+                                    "Custom Diffusion")
+            prior = prior_accuracy(cd_model, clip, vae, prior_n, steps, cfg, "Custom Diffusion prior")
+        add_row("Custom Diffusion", f"{a.steps_cd} steps, lr {a.lr_cd:g}, K/V + token from '{INIT_WORD}', "
+                "no class images", recs, prior, seconds, mem.mb, res.losses)
     from common import host_line
     data = {"rows": rows, "images": a.images, "eval": len(EVAL_BACKGROUNDS) * a.n_eval, "prior_n": prior_n,
             "sample_steps": steps, "cfg": cfg, "host": host_line()}
     return data, cases
 
 
+# Fusion: two new colours (the star cannot take part: at the toy world's two-object sizes, 0.25-0.42 of the frame,
+# the toy VAE turns a rendered star into a blob in 28/28 cases, so no merge could show it). Each identifier takes
+# the colour word's place ("a zwx square").
+FIRST_COLOR, FIRST_SHAPE, FIRST_ID = "pink", "circle", "vrk"
 SECOND_COLOR, SECOND_SHAPE, SECOND_ID = "teal", "square", "zwx"
-VOCAB2 = VOCAB.with_color(SECOND_COLOR, (0, 150, 150))
-PHRASE_B = f"a {SECOND_ID} {SECOND_SHAPE}"     # the token takes the colour word's place
+VOCAB2 = world.BASE.with_color(FIRST_COLOR, (255, 120, 200)).with_color(SECOND_COLOR, (0, 150, 150))
+PHRASE_1 = f"a {FIRST_ID} {FIRST_SHAPE}"
+PHRASE_B = f"a {SECOND_ID} {SECOND_SHAPE}"
 
 
-def second_scenes(n: int = 6, seed: int = 1) -> list:
-    """The second concept: a colour the toy model never saw (teal) on a square."""
-    return [world.Scene(s.background, (world.ToyObject(SECOND_SHAPE, SECOND_COLOR, *s.objects[0].box[:2],
-                                                       s.objects[0].size),), s.seed, s.size, VOCAB2)
-            for s in training_scenes(n, seed)]
+def colour_scenes(color: str, shape: str, n: int = 6, seed: int = 1) -> list:
+    """A concept of a colour the toy model never saw, on one of its shapes, at its own single-object sizes."""
+    return [world.Scene(s.background, (world.ToyObject(shape, color, *s.objects[0].box[:2], s.objects[0].size),),
+                        s.seed, s.size, VOCAB2)
+            for s in training_scenes(n, seed, size=world.SINGLE_SIZE)]
 
 
 def _train_db(model, x0, captions, clip, a):
     from editkit.training import loop
     from editkit.training import lora as TL
     conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(captions)}
-    lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=a.rank, seed=0)
+    lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
     ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
     loop.train(model, conds, ex, lo.parameters(), loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0),
                install=lo.install, stop=lambda: False)
@@ -248,9 +375,11 @@ def run_fusion(a) -> dict:
     import comfy.utils
     from editkit.lora import formats, fusion, merge
     comfy.utils.set_progress_bar_enabled(False)
+    a = argparse.Namespace(**{**vars(a), "steps_lora": a.fusion_steps, "rank": a.fusion_rank,
+                              "lora_targets": a.fusion_targets})
     model, clip, vae = toy.load_toy()
-    sets = [(training_scenes(a.images), PHRASE_A.format(token=IDENTIFIER)),
-            (second_scenes(a.images), PHRASE_B)]
+    sets = [(colour_scenes(FIRST_COLOR, FIRST_SHAPE, a.images, seed=2), PHRASE_1),
+            (colour_scenes(SECOND_COLOR, SECOND_SHAPE, a.images, seed=1), PHRASE_B)]
     loras, t_train = [], []
     for scenes, phrase in sets:
         with torch.inference_mode():
@@ -267,7 +396,7 @@ def run_fusion(a) -> dict:
     with torch.inference_mode():
         concepts = [fusion.Concept(ident, sd, formats.parse(sd, resolver, ident),
                                    [(clip.encode_from_tokens_scheduled(clip.tokenize(c)), neg) for c in caps])
-                    for (sd, caps), ident in zip(loras, (IDENTIFIER, SECOND_ID))]
+                    for (sd, caps), ident in zip(loras, (FIRST_ID, SECOND_ID))]
         t0 = time.perf_counter()
         rep = fusion.fuse_to_file(model, concepts, resolver,
                                   fusion.Capture(torch.zeros(1, 4, world.IMAGE_SIZE // 8, world.IMAGE_SIZE // 8),
@@ -282,33 +411,67 @@ def run_fusion(a) -> dict:
                                        merge.MergeParams(method=method, dtype=torch.float32), path)
             merged[f"LoRA Merge {method}"] = comfy.utils.load_torch_file(path)
             info[f"LoRA Merge {method}"] = "output error " + ", ".join(f"{100 * r:.1f} %" for r in rep.relative(method))
-        rows, cases = [], []
-        for name, sd in merged.items():
-            m, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+        def score(m, name, text, objects, seed0):
             recs = []
             for bg in EVAL_BACKGROUNDS:
-                seeds = [3000 + i for i in range(a.n_eval)]
-                cond = clip.encode_from_tokens_scheduled(clip.tokenize(f"{sets[0][1]} and {PHRASE_B} on a {bg} background"))
+                seeds = [seed0 + i for i in range(a.n_eval)]
+                cond = clip.encode_from_tokens_scheduled(clip.tokenize(text.format(bg=bg)))
                 for seed, img in zip(seeds, _sample(m, clip, vae, [cond] * len(seeds), seeds, a.sample_steps, a.cfg)):
-                    spec = world.CaptionSpec(bg, ((CONCEPT_COLOR, CONCEPT_SHAPE), (SECOND_COLOR, SECOND_SHAPE)))
-                    sc = scoring.score_prompt(img, spec, vocab=VOCAB2)
-                    recs.append({"method": name, "background": bg, "seed": seed, **sc.record(), "ok": sc.ok, "why": sc.why})
+                    sc = scoring.score_prompt(img, world.CaptionSpec(bg, objects), vocab=VOCAB2)
+                    recs.append({"method": name, "background": bg, "seed": seed, **sc.record(), "ok": sc.ok,
+                                 "why": sc.why})
+            return recs
+
+        rows, cases = [], []
+        pair = ((FIRST_COLOR, FIRST_SHAPE), (SECOND_COLOR, SECOND_SHAPE))
+        for name, sd in merged.items():
+            m, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+            recs = score(m, name, f"{PHRASE_1} and {PHRASE_B} on a {{bg}} background", pair, 3000)
             cases += recs
             rows.append({"method": name, "both": str(scoring.rate(r["ok"] for r in recs)), "info": info[name]})
             print(json.dumps(rows[-1]), flush=True)
+        # controls: each concept's own LoRA on its one-object prompt; the base model on a two-object prompt of
+        # colours it knows (same shapes): what a merge could reach at best on this toy model
+        for (sd, _), phrase, obj in zip(loras, (PHRASE_1, PHRASE_B), pair):
+            m, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+            name = f"control: the {obj[0]} {obj[1]} LoRA alone, \"{phrase} on a <bg> background\""
+            recs = score(m, name, f"{phrase} on a {{bg}} background", (obj,), 3000)
+            cases += recs
+            rows.append({"method": name, "both": str(scoring.rate(r["ok"] for r in recs)), "info": "one concept"})
+            print(json.dumps(rows[-1]), flush=True)
+        known = (("white", FIRST_SHAPE), ("black", SECOND_SHAPE))
+        name = "control: base model, \"a white circle and a black square on a <bg> background\""
+        recs = score(model, name, world.caption_for("BG", list(known)).replace("BG", "{bg}"), known, 3000)
+        cases += recs
+        rows.append({"method": name, "both": str(scoring.rate(r["ok"] for r in recs)), "info": "no LoRA, known colours"})
+        print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "train_seconds": [round(t, 1) for t in t_train], "eval": len(EVAL_BACKGROUNDS) * a.n_eval,
-            "steps_lora": a.steps_lora}, cases
+            "steps_lora": a.steps_lora, "prompt": f"{PHRASE_1} and {PHRASE_B} on a <bg> background",
+            "concepts": f"pink circle `{FIRST_ID}`, teal square `{SECOND_ID}`",
+            "recipe": f"lr {a.lr_lora:g}, rank {a.rank}, {a.lora_targets} weights"}, cases
 
 
 def fusion_table(f: dict) -> str:
-    lines = ["", f"Two concepts (orange star `{IDENTIFIER}`, teal square `{SECOND_ID}`), each a DreamBooth-LoRA of "
-             f"{f['steps_lora']} steps (trained in {f['train_seconds'][0]} s / {f['train_seconds'][1]} s), merged; "
-             f"\"{PHRASE_A.format(token=IDENTIFIER)} and {PHRASE_B} on a <bg> background\" over {f['eval']} samples on held-out backgrounds; "
+    lines = ["", f"Two concepts ({f.get('concepts', '')}), each a DreamBooth-LoRA of {f['steps_lora']} steps "
+             f"({f.get('recipe', '')}; trained in {f['train_seconds'][0]} s / {f['train_seconds'][1]} s), merged; "
+             f"\"{f.get('prompt', '')}\" over {f['eval']} samples on held-out backgrounds; "
              "output error = each concept's relative layer-output error on its own recorded activations", "",
              "| merge | both concepts correct | notes |", "|---|---|---|"]
     for r in f["rows"]:
         lines.append(f"| {r['method']} | {r['both']} | {r['info']} |")
     return "\n".join(lines)
+
+
+DEFAULT_METHODS = "ti,db,dbp,core,cd"
+ROW_ORDER = ("textual inversion", "DreamBooth-LoRA", "DreamBooth-LoRA + class images", "core TrainLoraNode",
+             "Custom Diffusion")
+
+
+def merge_rows(old: list, new: list) -> list:
+    """The saved rows with those of the methods just run replaced (table order)."""
+    by = {r["method"]: r for r in old}
+    by.update({r["method"]: r for r in new})
+    return sorted(by.values(), key=lambda r: ROW_ORDER.index(r["method"]) if r["method"] in ROW_ORDER else 99)
 
 
 def table(data: dict) -> str:
@@ -317,11 +480,14 @@ def table(data: dict) -> str:
              f"{', '.join(TRAIN_BACKGROUNDS)} backgrounds; concept accuracy over {data['eval']} samples on held-out "
              f"backgrounds ({', '.join(EVAL_BACKGROUNDS)}); prior = held-out single-object accuracy "
              f"(n = {data['prior_n']}); {data['sample_steps']} steps, CFG {data['cfg']:g}; {data.get('host', '')}", "",
-             "| method | settings | concept accuracy | prior (with / base) | training time | peak RSS + (MB) | loss first 10 -> last 10 |",
+             "| method | settings | concept accuracy | prior (with / base) | training time | peak RSS + (MB, this row) | loss first 10 -> last 10 |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['method']} | {r['settings']} | {r['concept']} | {r['prior']} | {r['train_seconds']} s | "
                      f"{r['peak_rss_mb']} | {r['loss'][0]} -> {r['loss'][1]} |")
+    notes = [f"{r['method']}: {r['note']}" for r in data["rows"] if r.get("note")]
+    if notes:
+        lines += [""] + notes
     if data.get("fusion"):
         lines.append(fusion_table(data["fusion"]))
     return "\n".join(lines)
@@ -334,12 +500,19 @@ def write_readme(data: dict, path: str = README) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=6)
-    p.add_argument("--steps-ti", type=int, default=300)
-    p.add_argument("--steps-lora", type=int, default=300)
-    p.add_argument("--steps-cd", type=int, default=300)
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="rows to run: ti, db, dbp (with class images), core (TrainLoraNode), cd")
+    p.add_argument("--steps-ti", type=int, default=1000)
+    p.add_argument("--lr-ti", type=float, default=5e-4)
+    p.add_argument("--lora-targets", choices=("attention", "all"), default="all")
+    p.add_argument("--steps-lora", type=int, default=2400)
+    p.add_argument("--steps-cd", type=int, default=1200)
     p.add_argument("--lr-lora", type=float, default=1e-3)
-    p.add_argument("--lr-cd", type=float, default=1e-4)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lr-cd", type=float, default=5e-4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--class-images", type=int, default=6, help="class images of the dbp row")
+    p.add_argument("--fusion-steps", type=int, default=800, help="steps of each fusion concept's LoRA")
+    p.add_argument("--fusion-rank", type=int, default=8)
+    p.add_argument("--fusion-targets", choices=("attention", "all"), default="all")
     p.add_argument("--n-eval", type=int, default=4, help="seeds per held-out background")
     p.add_argument("--n-prior", type=int, default=12, help="held-out single-object prompts for the prior column")
     p.add_argument("--sample-steps", type=int, default=20)
@@ -377,9 +550,12 @@ def main(argv=None) -> int:
             old = json.load(open(path))
             if old.get("fusion"):
                 data["fusion"] = old["fusion"]
+            if a.methods != DEFAULT_METHODS:    # a partial run (--methods) replaces only its own rows
+                data["rows"] = merge_rows(old.get("rows", []), data["rows"])
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
-        write_cases(os.path.join(a.results, "cases", "personalization.csv"), cases)
+        suffix = "" if a.methods == DEFAULT_METHODS else "-" + a.methods.replace(",", "-")
+        write_cases(os.path.join(a.results, "cases", f"personalization{suffix}.csv"), cases)
         if a.write_readme:
             write_readme(data)
     return 0

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -174,22 +175,30 @@ def test_drag_rows_run_on_the_same_machinery():
         assert (float(s["cells"]["centroid error (px)"]) < 0.5) == move      # triangles read within 0.3 px
 
 
-def test_personalization_concepts_are_new_and_read_back(tmp_path):
-    """The personalization table's concepts: the star and teal are not in the base vocabulary, their rendered
-    training images (and a two-concept ground truth) score as right with the extended vocabulary and as
-    wrong with the base one; the README block is rewritten between its markers only."""
-    from editkit.toyworld import world
+def _personalization_module():
     spec = importlib.util.spec_from_file_location("editkit_bench_pers",
                                                   os.path.join(ROOT, "bench", "quality_personalization.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert "star" not in world.BASE.shape_names and "teal" not in world.BASE.color_names
-    for scenes, vocab in ((mod.training_scenes(6), mod.VOCAB), (mod.second_scenes(3), mod.VOCAB2)):
+    return mod
+
+
+def test_personalization_concepts_are_new_and_read_back(tmp_path):
+    """The personalization table's concepts: the star, pink and teal are not in the base vocabulary, their
+    rendered training images (and a two-concept ground truth) score as right with the extended vocabulary and
+    as wrong with the base one; the README block is rewritten between its markers only."""
+    from editkit.toyworld import world
+    mod = _personalization_module()
+    assert "star" not in world.BASE.shape_names
+    assert "teal" not in world.BASE.color_names and "pink" not in world.BASE.color_names
+    for scenes, vocab in ((mod.training_scenes(6), mod.VOCAB),
+                          (mod.colour_scenes(mod.FIRST_COLOR, mod.FIRST_SHAPE, 3), mod.VOCAB2),
+                          (mod.colour_scenes(mod.SECOND_COLOR, mod.SECOND_SHAPE, 3), mod.VOCAB2)):
         for s in scenes:
             assert s.background in mod.TRAIN_BACKGROUNDS and s.background not in mod.EVAL_BACKGROUNDS
             assert scoring.score_prompt(s.render(), s, vocab=vocab).ok
             assert not scoring.score_prompt(s.render(), s.spec, vocab=world.BASE).ok
-    pair = world.Scene("green", (world.ToyObject("star", "orange", 5, 30, 50),
+    pair = world.Scene("green", (world.ToyObject("circle", "pink", 5, 30, 50),
                                  world.ToyObject("square", "teal", 70, 30, 45)), 0, 128, mod.VOCAB2)
     assert scoring.score_prompt(pair.render(), pair, vocab=mod.VOCAB2).ok
     readme = tmp_path / "README.md"
@@ -200,3 +209,40 @@ def test_personalization_concepts_are_new_and_read_back(tmp_path):
     mod.write_readme(data, str(readme))
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text and "| m | s | 1 % |" in text
+    # a --methods subset replaces only its own rows, in table order
+    old = [{"method": "Custom Diffusion", "v": 1}, {"method": "textual inversion", "v": 1}]
+    merged = mod.merge_rows(old, [{"method": "core TrainLoraNode", "v": 2}, {"method": "textual inversion", "v": 2}])
+    assert [(r["method"], r["v"]) for r in merged] == [("textual inversion", 2), ("core TrainLoraNode", 2),
+                                                       ("Custom Diffusion", 1)]
+
+
+def test_personalization_stars_survive_the_toy_vae():
+    """The star's training size is one the toy VAE keeps: every training image, encoded and decoded, still
+    reads as an orange star on its background (at the toy world's own sizes most read as circles)."""
+    from editkit.builtin_models import toy
+    if not toy.available():
+        pytest.skip("the shipped toy model is not built")
+    import numpy as np
+    mod = _personalization_module()
+    _, _, vae = toy.load_toy()
+    scenes = mod.training_scenes(6)
+    with torch.inference_mode():
+        rec = vae.decode(vae.encode(torch.from_numpy(np.stack([s.render() for s in scenes])).float())).float().numpy()
+    for s, img in zip(scenes, rec):
+        assert scoring.score_prompt(img, s.spec, vocab=mod.VOCAB).ok
+
+
+def test_personalization_peak_rss_is_the_rows_own():
+    """PeakRss reports the block's own peak above its start, also after an earlier, larger block."""
+    mod = _personalization_module()
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("no /proc on this host")
+    with mod.PeakRss() as big:
+        x = torch.ones(300 * 2 ** 18)       # 300 MB
+        time.sleep(0.05)
+        del x
+    with mod.PeakRss() as small:
+        y = torch.ones(100 * 2 ** 18)       # 100 MB
+        time.sleep(0.05)
+        del y
+    assert big.mb > 250 and 80 < small.mb < 200
