@@ -12,7 +12,7 @@ steps). Concept accuracy: `scoring.score_prompt` with the extended vocabulary of
 background" over held-out backgrounds (never in the training images), n = backgrounds x seeds. Prior
 preservation: the base model's held-out single-object accuracy (world.held_out_triples) without and with the
 trained weights loaded. Training time is wall time on this host; peak memory is the row's own peak RSS above its
-start (PeakRss). The fusion rows merge two colour concepts (see FIRST_COLOR).
+start (bench/common.PeakRSS). The fusion rows merge two colour concepts (see FIRST_COLOR).
 
 Results: bench/results/quality/personalization.json and cases/personalization*.csv (a --methods subset replaces
 only its own rows); --write-readme rewrites the README between <!-- bench-quality-personalization:begin --> and
@@ -21,9 +21,7 @@ only its own rows); --write-readme rewrites the README between <!-- bench-qualit
 import argparse
 import json
 import os
-import resource
 import sys
-import threading
 import time
 
 import numpy as np
@@ -33,12 +31,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from common import boot, replace_block, write_cases  # noqa: E402
+from common import PeakRSS, boot, replace_block, write_cases  # noqa: E402
 
 boot()
 
 from editkit.builtin_models import toy  # noqa: E402
-from editkit.toyworld import evaluate, scoring, world  # noqa: E402
+from editkit.toyworld import scoring, world  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "quality")
 README = os.path.join(ROOT, "README.md")
@@ -86,38 +84,6 @@ def training_scenes(n: int = 6, seed: int = 0, size: tuple = STAR_SIZE) -> list:
         obj = world.ToyObject(CONCEPT_SHAPE, CONCEPT_COLOR, x, y, s)
         out.append(world.Scene(TRAIN_BACKGROUNDS[i % len(TRAIN_BACKGROUNDS)], (obj,), i, world.IMAGE_SIZE, VOCAB))
     return out
-
-
-class PeakRss:
-    """Peak resident memory of this process inside a `with` block, above its level at entry (MB). A thread reads
-    /proc/self/statm every 10 ms: the process-wide ru_maxrss cannot tell a row's peak once an earlier row went
-    higher. Hosts without /proc fall back to the ru_maxrss increase."""
-
-    def __enter__(self):
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self._proc = os.path.exists("/proc/self/statm")
-        self.start = self._now()
-        self.peak, self._done = self.start, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _now(self) -> float:
-        if self._proc:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page / 2 ** 20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-    def _poll(self):
-        while not self._done.wait(0.01):
-            self.peak = max(self.peak, self._now())
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._now())
-        self.mb = self.peak - self.start
-        return False
 
 
 def _sample(model, clip, vae, conds, seeds, steps, cfg):
@@ -243,7 +209,7 @@ def run(a) -> dict:
     caps = [caption(PLACEHOLDER, s.background) for s in scenes]
     inst = [caption(IDENTIFIER, s.background) for s in scenes]
     if "ti" in only:      # --- textual inversion
-        with PeakRss() as mem, torch.inference_mode():
+        with PeakRSS() as mem, torch.inference_mode():
             t0 = time.perf_counter()
             vectors, res = TI.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
                                     loop.Settings(steps=a.steps_ti, learning_rate=a.lr_ti, weight_decay=0.0, seed=0))
@@ -252,11 +218,11 @@ def run(a) -> dict:
             recs = concept_accuracy(model, clip, vae, lambda bg: ti_prompt(bg, vectors), a.n_eval, steps, cfg,
                                     "textual inversion")
         add_row("textual inversion", f"{a.steps_ti} steps, lr {a.lr_ti:g}, 1 vector from '{INIT_WORD}'", recs, None,
-                seconds, mem.mb, res.losses)
+                seconds, mem.peak_mb, res.losses)
 
     if "db" in only:      # --- DreamBooth-LoRA (no class images: the prior column measures what that costs)
         conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
-        with PeakRss() as mem, torch.inference_mode():
+        with PeakRSS() as mem, torch.inference_mode():
             t0 = time.perf_counter()
             lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
             res = loop.train(model, conds, [loop.Example(x, f"c{i}") for i, x in enumerate(x0)], lo.parameters(),
@@ -269,7 +235,7 @@ def run(a) -> dict:
             prior = prior_accuracy(db_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA prior")
         add_row("DreamBooth-LoRA", f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank}, {a.lora_targets} "
                 f"{'weights' if a.lora_targets == 'all' else 'projections'}, identifier '{IDENTIFIER}', no class images",
-                recs, prior, seconds, mem.mb, res.losses)
+                recs, prior, seconds, mem.peak_mb, res.losses)
 
     if "dbp" in only:     # --- DreamBooth-LoRA with prior preservation: the model's own samples of other prompts
         from editkit.training import prior as TP
@@ -277,7 +243,7 @@ def run(a) -> dict:
         class_caps = [world.sample_scene(100 + i, 1, split="train").caption for i in range(a.class_images)]
         conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
         conds.update({f"p{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(class_caps)})
-        with PeakRss() as mem, torch.inference_mode():
+        with PeakRSS() as mem, torch.inference_mode():
             t0 = time.perf_counter()
             ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
             for i in range(a.class_images):
@@ -293,10 +259,10 @@ def run(a) -> dict:
             recs = concept_accuracy(dbp_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "DreamBooth-LoRA + class images")
             prior = prior_accuracy(dbp_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA + class images prior")
         add_row("DreamBooth-LoRA + class images", f"as above + {a.class_images} class images (the model's own samples "
-                "of training-split prompts, prior weight 1)", recs, prior, seconds, mem.mb, res.losses)
+                "of training-split prompts, prior weight 1)", recs, prior, seconds, mem.peak_mb, res.losses)
 
     if "core" in only:    # --- core ComfyUI TrainLoraNode on the same images, captions and steps
-        with PeakRss() as mem:
+        with PeakRSS() as mem:
             t0 = time.perf_counter()
             try:
                 core_model, losses, note = core_train_lora(model, clip, vae, imgs, inst, a.steps_lora, a.lr_lora, a.rank)
@@ -308,17 +274,17 @@ def run(a) -> dict:
                     f"bf16, AdamW, MSE on x0, identifier '{IDENTIFIER}'")
         if err:
             rows.append({"method": "core TrainLoraNode", "settings": settings, "concept": f"cannot train: {err}",
-                         "prior": "-", "train_seconds": round(seconds, 1), "peak_rss_mb": round(mem.mb, 1),
+                         "prior": "-", "train_seconds": round(seconds, 1), "peak_rss_mb": round(mem.peak_mb, 1),
                          "loss": [float("nan")] * 2, "note": err})
             print(json.dumps(rows[-1]), flush=True)
         else:
             with torch.inference_mode():
                 recs = concept_accuracy(core_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "core TrainLoraNode")
                 prior = prior_accuracy(core_model, clip, vae, prior_n, steps, cfg, "core TrainLoraNode prior")
-            add_row("core TrainLoraNode", settings, recs, prior, seconds, mem.mb, losses, note)
+            add_row("core TrainLoraNode", settings, recs, prior, seconds, mem.peak_mb, losses, note)
 
     if "cd" in only:      # --- Custom Diffusion (cross-attention K/V + the token)
-        with PeakRss() as mem, torch.inference_mode():
+        with PeakRSS() as mem, torch.inference_mode():
             t0 = time.perf_counter()
             concept, diffs, res = CD.train(model, clip, x0, caps, PLACEHOLDER, INIT_WORD,
                                            loop.Settings(steps=a.steps_cd, learning_rate=a.lr_cd, seed=0),
@@ -331,7 +297,7 @@ def run(a) -> dict:
                                     "Custom Diffusion")
             prior = prior_accuracy(cd_model, clip, vae, prior_n, steps, cfg, "Custom Diffusion prior")
         add_row("Custom Diffusion", f"{a.steps_cd} steps, lr {a.lr_cd:g}, K/V + token from '{INIT_WORD}', "
-                "no class images", recs, prior, seconds, mem.mb, res.losses)
+                "no class images", recs, prior, seconds, mem.peak_mb, res.losses)
     from common import host_line
     data = {"rows": rows, "images": a.images, "eval": len(EVAL_BACKGROUNDS) * a.n_eval, "prior_n": prior_n,
             "sample_steps": steps, "cfg": cfg, "host": host_line()}
@@ -407,7 +373,7 @@ def run_fusion(a) -> dict:
         merged["ConceptFusion (Mix-of-Show, full rank)"] = comfy.utils.load_torch_file(rep.path)
         for method in ("concat", "ties"):
             path = os.path.join(tmp, f"{method}.safetensors")
-            mrep = merge.merge_to_file([c.parsed for c in concepts], [1.0, 1.0], resolver,
+            merge.merge_to_file([c.parsed for c in concepts], [1.0, 1.0], resolver,
                                        merge.MergeParams(method=method, dtype=torch.float32), path)
             merged[f"LoRA Merge {method}"] = comfy.utils.load_torch_file(path)
             info[f"LoRA Merge {method}"] = "output error " + ", ".join(f"{100 * r:.1f} %" for r in rep.relative(method))

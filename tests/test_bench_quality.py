@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -230,19 +229,3 @@ def test_personalization_stars_survive_the_toy_vae():
         rec = vae.decode(vae.encode(torch.from_numpy(np.stack([s.render() for s in scenes])).float())).float().numpy()
     for s, img in zip(scenes, rec):
         assert scoring.score_prompt(img, s.spec, vocab=mod.VOCAB).ok
-
-
-def test_personalization_peak_rss_is_the_rows_own():
-    """PeakRss reports the block's own peak above its start, also after an earlier, larger block."""
-    mod = _personalization_module()
-    if not os.path.exists("/proc/self/statm"):
-        pytest.skip("no /proc on this host")
-    with mod.PeakRss() as big:
-        x = torch.ones(300 * 2 ** 18)       # 300 MB
-        time.sleep(0.05)
-        del x
-    with mod.PeakRss() as small:
-        y = torch.ones(100 * 2 ** 18)       # 100 MB
-        time.sleep(0.05)
-        del y
-    assert big.mb > 250 and 80 < small.mb < 200
