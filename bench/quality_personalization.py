@@ -153,14 +153,10 @@ def core_train_lora(model, clip, vae, images, captions, steps: int, lr: float, r
 
 
 def lora_keys(model, targets: str) -> list[str]:
-    """The weights a DreamBooth-LoRA trains: "attention" (the training core's recipe: every attention projection)
-    or "all" (every Linear and Conv weight of the UNet, as core's TrainLoraNode wraps)."""
+    """The weights a DreamBooth-LoRA trains: the training core's recipe "attention" or "all" (every Linear and
+    Conv weight of the UNet, as core's TrainLoraNode wraps)."""
     from editkit.training import lora as TL
-    if targets == "attention":
-        return TL.target_keys(model, TL.ATTENTION)
-    return ["diffusion_model." + n for n, p in model.model.diffusion_model.named_parameters()
-            if n.endswith(".weight") and p.ndim >= 2]
-
+    return TL.target_keys(model, targets)
 
 def _loss_span(losses) -> list:
     return [round(float(np.mean(losses[:10])), 4), round(float(np.mean(losses[-10:])), 4)]

@@ -128,6 +128,11 @@ class DreamBoothLoRATrain(EditKitNode):
                                        "merge nodes read all three): lora = up @ down; loha = Hadamard product of two "
                                        "low-rank pairs (LyCORIS LoHa, rank up to rank^2 with the same size); lokr = "
                                        "Kronecker product of two small factors (LyCORIS LoKr)."),
+                io.Combo.Input("targets", options=["attention", "all"], default="attention",
+                               tooltip="Which UNet/DiT weights get adapters: attention = every attention projection "
+                                       "(the DreamBooth-LoRA recipe; learns a subject's look, colour, style); all = "
+                                       "every Linear and Conv weight (as core's Train LoRA; several times the "
+                                       "parameters, needed for a new shape on the toy world: see README)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per optimizer step."),
                 io.Boolean.Input("train_text_encoder", default=False,
                                  tooltip="Also train adapters (same format and rank) on the text encoder's attention "
@@ -161,12 +166,16 @@ class DreamBoothLoRATrain(EditKitNode):
     @classmethod
     def execute(cls, model, clip, latent, instance_prompt, identifier, class_prompt, name, steps, learning_rate,
                 rank, batch_size, prior_loss_weight, class_images, class_steps, seed, resume,
-                preview_every=0, adapter="lora", train_text_encoder=False, text_encoder_lr=5e-5) -> io.NodeOutput:
+                preview_every=0, adapter="lora", train_text_encoder=False, text_encoder_lr=5e-5,
+                targets="attention") -> io.NodeOutput:
         from ..lora import st_io
         from ..training import dreambooth, loop, paths, prior
+        from ..training import lora as TL
         node = DB_NODE
         settings = _settings(node, steps, learning_rate, batch_size, seed)
         require(adapter in ("lora", "loha", "lokr"), node, "adapter", f"{adapter!r} is not lora, loha or lokr",
+                "pick one from the list")
+        require(targets in TL.RECIPES, node, "targets", f"{targets!r} is not {' or '.join(TL.RECIPES)}",
                 "pick one from the list")
         require(not train_text_encoder or text_encoder_lr > 0, node, "text_encoder_lr", f"{text_encoder_lr} is not > 0",
                 "use e.g. 5e-5, or turn train_text_encoder off")
@@ -197,7 +206,7 @@ class DreamBoothLoRATrain(EditKitNode):
                                        node_id=getattr(getattr(cls, "hidden", None), "unique_id", None),
                                        preview=_preview(node, preview_every, clip, seed), adapter=adapter,
                                        text_encoder=(clip, instance_prompt, class_prompt, text_encoder_lr)
-                                       if train_text_encoder else None)
+                                       if train_text_encoder else None, targets=targets)
         except loop.TrainingInterrupted as e:
             _interrupted(e, node)
         sd = lo.state_dict()
@@ -205,11 +214,10 @@ class DreamBoothLoRATrain(EditKitNode):
             sd.update(lo.text_encoder.state_dict())
         st_io.save(sd, path, {"editkit_training": "dreambooth_lora", "instance_prompt": instance_prompt,
                               "class_prompt": class_prompt if use_prior else "", "steps": str(steps),
-                              "rank": str(rank), "adapter": adapter, "learning_rate": str(learning_rate),
+                              "rank": str(rank), "adapter": adapter, "targets": targets, "learning_rate": str(learning_rate),
                               "text_encoder_lr": str(text_encoder_lr) if train_text_encoder else ""})
         if os.path.exists(ckpt):
             os.remove(ckpt)
-        from ..training import lora as TL
         te = lo.text_encoder is not None
         out_model, out_clip = TL.apply_saved(model, clip if te else None, sd, 1.0, 1.0 if te else 0.0)
         text = (_loss_text(res, steps) + f"\nclass images: {class_images if use_prior else 0}"

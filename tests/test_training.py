@@ -195,6 +195,19 @@ def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_de
     (comfy.sd.load_lora_for_models, what Load LoRA calls), changes every trained weight by exactly the delta the
     LyCORIS formula gives from the saved tensors; EditKit's LoRA reader (lora/formats, used by the merge nodes)
     reads the same delta."""
+    _check_adapter_file(tiny_any, encode, tmp_path, kind, TL.ATTENTION)
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_all_weights_recipe_adds_conv_adapters_that_load_as_their_delta(tiny_eps, encode, tmp_path, kind):
+    """targets "all" (every Linear and Conv weight): conv weights get adapters too, stored flattened, and the file
+    still loads through core's loader and EditKit's reader as exactly the LyCORIS delta, reshaped to the kernel."""
+    lo = _check_adapter_file(tiny_eps, encode, tmp_path, kind, TL.ALL)
+    convs = [k for k, shape in lo.shapes.items() if len(shape) == 4]
+    assert convs and set(TL.target_keys(tiny_eps, TL.ATTENTION)) < set(lo.adapters)
+
+
+def _check_adapter_file(tiny_any, encode, tmp_path, kind, targets):
     import comfy.lora
     import comfy.utils
 
@@ -202,7 +215,8 @@ def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_de
     from editkit.training import dreambooth
     lat = torch.randn(2, 4, 8, 8, generator=_gen(3)) * 0.8
     lo, res = dreambooth.train(tiny_any, lat, encode("a photo of sks circle"),
-                               T.Settings(steps=3, learning_rate=1e-2, seed=1), rank=4, stop=lambda: False, adapter=kind)
+                               T.Settings(steps=3, learning_rate=1e-2, seed=1), rank=4, stop=lambda: False, adapter=kind,
+                               targets=targets)
     assert lo.kind == kind and len(res.losses) == 3
     path = str(tmp_path / f"{kind}.safetensors")
     st_io.save(lo.state_dict(), path, {})
@@ -223,6 +237,7 @@ def test_adapter_file_loads_with_core_loader_and_editkit_merge_as_its_lycoris_de
         torch.testing.assert_close(formats.dense(parsed.modules[key], sd, resolver), ref, rtol=1e-4, atol=1e-6)
         moved = max(moved, float(ref.abs().max()))
     assert moved > 1e-4                                    # the adapter was trained (all start at a zero delta)
+    return lo
 
 
 def test_dreambooth_text_encoder_lora_loads_on_the_clip_through_core_loader(tiny_eps, tiny_clip, encode):

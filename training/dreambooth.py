@@ -71,12 +71,13 @@ class TextEncoderLora:
 def train(model, instance_latents, instance_cond, settings: loop.Settings, rank: int = 4,
           class_latents=None, class_cond=None, prior_weight: float = 1.0, checkpoint_path: Optional[str] = None,
           resume: Optional[str] = None, node_id: Optional[str] = None, stop=None, preview=None,
-          adapter: str = "lora", text_encoder: Optional[tuple] = None):
+          adapter: str = "lora", text_encoder: Optional[tuple] = None, targets: str = TL.ATTENTION):
     """(TrainableLora, loop.Result). Latents in sampler space, (N, C, H, W). adapter: lora | loha | lokr (ComfyUI's
     weight-adapter formats; rank is LoKr's factor). text_encoder: (clip, instance prompt, class prompt, learning
     rate) to train the text encoder's adapters too (at that rate); they are returned as the LoRA's
-    `text_encoder` (a TextEncoderLora, else None)."""
-    lo = TL.TrainableLora(model, TL.target_keys(model, TL.ATTENTION), rank=rank, seed=settings.seed, kind=adapter)
+    `text_encoder` (a TextEncoderLora, else None). targets: TL.ATTENTION (the paper's recipe) or TL.ALL (every
+    Linear and Conv weight)."""
+    lo = TL.TrainableLora(model, TL.target_keys(model, targets), rank=rank, seed=settings.seed, kind=adapter)
     conds = {INSTANCE: instance_cond}
     if class_latents is not None and prior_weight > 0:
         conds[CLASS] = class_cond

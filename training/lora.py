@@ -18,6 +18,9 @@ from ..core.introspect import _base
 # Which projections each recipe trains (by the parameter's own name; layouts differ per architecture).
 ATTENTION = "attention"           # every attention projection (DreamBooth-LoRA: q, k, v, out)
 CROSS_KV = "cross_kv"             # cross-attention key/value projections (Custom Diffusion)
+ALL = "all"                       # every Linear and Conv weight of the diffusion model (core TrainLoraNode's set;
+                                  # the toy table: only this learns a new *shape*, attention alone learns colour)
+RECIPES = (ATTENTION, ALL)        # what a DreamBooth user may choose
 
 
 def _is_attention(name: str) -> bool:
@@ -30,12 +33,15 @@ def _is_cross_kv(name: str) -> bool:
 
 
 def target_keys(model, recipe: str = ATTENTION, include: Optional[Callable[[str], bool]] = None) -> list[str]:
-    """ComfyUI weight keys ("diffusion_model.<module>.weight") of the 2-D (Linear) weights a recipe trains."""
+    """ComfyUI weight keys ("diffusion_model.<module>.weight") a recipe trains: the 2-D (Linear) weights of the
+    attention / cross-K/V recipes, or every Linear and Conv weight (ndim >= 2) for ALL. Conv adapters are stored
+    flattened (out, in*kh*kw), which core's loader reshapes to the weight."""
     dm = _base(model).diffusion_model
-    test = include or {ATTENTION: _is_attention, CROSS_KV: _is_cross_kv}[recipe]
+    test = include or {ATTENTION: _is_attention, CROSS_KV: _is_cross_kv, ALL: lambda name: True}[recipe]
+    min_ndim_ok = (lambda p: p.ndim >= 2) if recipe == ALL and include is None else (lambda p: p.ndim == 2)
     out = []
     for name, p in dm.named_parameters():
-        if name.endswith(".weight") and p.ndim == 2 and test(name):
+        if name.endswith(".weight") and min_ndim_ok(p) and test(name):
             out.append("diffusion_model." + name)
     return out
 
