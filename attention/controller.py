@@ -36,6 +36,7 @@ from ..core.branches import branch_layout, branches_of, chunks_of  # noqa: F401 
 from ..core.features import DIT_KINDS, UNET_HOOKS, install_hook
 from ..core.introspect import AttnSite, attention_layout, dit_tokens
 from ..core.patches import SharedPatch, add_wrapper, chain_attention_override, chain_attn_replace, default_attention
+from .bias import bias_augment
 
 _DIT_KEY = "editkit_dit_call"
 
@@ -102,34 +103,6 @@ class Rows:
 # Attention with ComfyUI's kernels (+ an exact per-key logit bias without a materialized mask)
 # ---------------------------------------------------------------------------------------------
 
-_BIAS_PAD = 8
-
-
-def _bias_augment(q, k, v, bias, scale=None):
-    """Append channels so that ComfyUI's attention computes softmax(q k^T / sqrt(d) + bias_j) v exactly.
-
-    q, k, v are (B, L, H, d) views. bias is (B or 1, Lk), added to the logits of key j. The extra
-    channels keep head sizes multiples of 8; the output's extra channels are zero and dropped.
-    """
-    d = q.shape[-1]
-    dp = d + _BIAS_PAD
-    if scale is None:           # the kernel scales by 1/sqrt(head size) of the padded heads
-        alpha, beta = math.sqrt(dp / d), math.sqrt(dp)
-    else:                       # an explicit softmax scale (ComfyUI >= 0.38 may pass one)
-        alpha, beta = 1.0, 1.0 / scale
-    b, lk = k.shape[0], k.shape[1]
-    bias = bias.to(device=k.device, dtype=k.dtype).expand(b, lk)
-    qa = torch.zeros(q.shape[:-1] + (dp,), device=q.device, dtype=q.dtype)
-    qa[..., :d] = q * alpha
-    qa[..., d] = 1.0
-    ka = torch.zeros(k.shape[:-1] + (dp,), device=k.device, dtype=k.dtype)
-    ka[..., :d] = k
-    ka[..., d] = (bias * beta)[:, :, None]
-    va = torch.zeros(v.shape[:-1] + (dp,), device=v.device, dtype=v.dtype)
-    va[..., :d] = v
-    return qa, ka, va, d
-
-
 def attend(q, k, v, extra: dict, bias: Optional[torch.Tensor] = None):
     """ComfyUI's optimized attention on projected (B, L, heads*dim) tensors, optional per-key logit bias."""
     if bias is None:
@@ -137,10 +110,10 @@ def attend(q, k, v, extra: dict, bias: Optional[torch.Tensor] = None):
     heads = extra["n_heads"]
     b, lq, inner = q.shape
     d = inner // heads
-    qa, ka, va, _ = _bias_augment(q.reshape(b, lq, heads, d), k.reshape(b, k.shape[1], heads, d),
-                                  v.reshape(b, v.shape[1], heads, d), bias)
+    qa, ka, va = bias_augment(q.reshape(b, lq, heads, d), k.reshape(b, k.shape[1], heads, d),
+                              v.reshape(b, v.shape[1], heads, d), bias)
     out = default_attention(qa.reshape(b, lq, -1), ka.reshape(b, k.shape[1], -1), va.reshape(b, v.shape[1], -1), extra)
-    return out.reshape(b, lq, heads, d + _BIAS_PAD)[..., :d].reshape(b, lq, inner)
+    return out.reshape(b, lq, heads, qa.shape[-1])[..., :d].reshape(b, lq, inner)
 
 
 def attend_dit(call: Call, q, k, v, bias: Optional[torch.Tensor] = None):
@@ -151,7 +124,7 @@ def attend_dit(call: Call, q, k, v, bias: Optional[torch.Tensor] = None):
         return call.func(q, k, v, call.heads, **kwargs)
     d = q.shape[-1]
     t = lambda x: x.transpose(1, 2)  # (B, L, H, d)
-    qa, ka, va, _ = _bias_augment(t(q), t(k), t(v), bias, kwargs.get("scale"))
+    qa, ka, va = bias_augment(t(q), t(k), t(v), bias, kwargs.get("scale"))
     kwargs["skip_output_reshape"] = True
     out = call.func(t(qa), t(ka), t(va), call.heads, **kwargs)   # (B, H, L, d + pad)
     out = out[..., :d]

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..attention.bias import lowrank_augment
 from ..core.introspect import attention_layout
 from ..core.patches import SharedPatch, call_attention, chain_attn_replace, default_attention
 from .regions import at_grid, latent_grid, layer_grid, rows_per_sample
@@ -31,27 +32,6 @@ from .regions import at_grid, latent_grid, layer_grid, rows_per_sample
 MARK = "editkit_regional_tokens"
 BLOCK = 1000.0        # logit penalty of a blocked token: exp(-1000) is 0 in every float type
 MODES = ("masked", "dense_diffusion")
-
-
-def lowrank_augment(q, k, v, qf: torch.Tensor, kf: torch.Tensor, scale: Optional[float] = None):
-    """q, k, v as (B, L, H, d) views -> (qa, ka, va) with extra channels such that a plain attention kernel
-    computes softmax(q k^T / sqrt(d) + qf kf^T) v (scaled by 1/sqrt of the padded head size, or by an
-    explicit `scale`). qf (B, Lq, r), kf (B, Lk, r): the bias factors, the same for every head; the extra
-    channels are padded to a multiple of 8 and the output's extra channels are zero (drop them)."""
-    b, lq, heads, d = q.shape
-    lk = k.shape[1]
-    r = qf.shape[-1]
-    dp = d + 8 * math.ceil(r / 8)
-    alpha, beta = (math.sqrt(dp / d), math.sqrt(dp)) if scale is None else (1.0, 1.0 / scale)
-    qa = q.new_zeros(b, lq, heads, dp)
-    qa[..., :d] = q * alpha
-    qa[..., d:d + r] = qf.to(q.dtype)[:, :, None, :]
-    ka = k.new_zeros(b, lk, heads, dp)
-    ka[..., :d] = k
-    ka[..., d:d + r] = (kf * beta).to(k.dtype)[:, :, None, :]
-    va = v.new_zeros(b, lk, heads, dp)
-    va[..., :d] = v
-    return qa, ka, va
 
 
 def lowrank_bias_attention(q, k, v, extra: dict, qf: torch.Tensor, kf: torch.Tensor):

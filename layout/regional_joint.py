@@ -25,7 +25,8 @@ from ..attention import controller
 from ..core.errors import EditKitInputError
 from ..core.introspect import dit_patch_size
 from ..core.patches import add_wrapper
-from .regional_attention import RegionalAttention, lowrank_augment, masked_factors
+from ..attention.bias import lowrank_augment
+from .regional_attention import RegionalAttention, masked_factors
 
 MARK = "editkit_regional_joint"
 
