@@ -43,8 +43,23 @@ def shape_splits(vocab: world.Vocabulary = world.BASE) -> list[str]:
     return ["shape " + scoring.shape_pair(a, b, vocab) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
+class _SceneEdit:
+    """What every edit case offers a runner: the source scene's caption, the target's, the source image."""
+
+    @property
+    def source_prompt(self) -> str:
+        return self.source.caption
+
+    @property
+    def target_prompt(self) -> str:
+        return self.target.caption
+
+    def source_image(self) -> torch.Tensor:
+        return torch.from_numpy(self.source.render())
+
+
 @dataclass(frozen=True)
-class EditCase:
+class EditCase(_SceneEdit):
     name: str
     source: world.Scene      # the image to edit (ground truth known)
     target: world.Scene      # the same scene with object `index` recoloured / reshaped
@@ -59,17 +74,6 @@ class EditCase:
         if self.kind == "colour":
             return "colour " + scoring.color_split(a.color, b.color, self.source.vocab)
         return "shape " + scoring.shape_pair(a.shape, b.shape, self.source.vocab)
-
-    @property
-    def source_prompt(self) -> str:
-        return self.source.caption
-
-    @property
-    def target_prompt(self) -> str:
-        return self.target.caption
-
-    def source_image(self) -> torch.Tensor:
-        return torch.from_numpy(self.source.render())
 
     def score(self, edited, source_image=None) -> scoring.EditScore:
         return scoring.score_edit(edited, self.source, self.target, self.index, source_image)
@@ -129,7 +133,7 @@ def edit_cases(per_split: int = 48, seed0: int = 50_000, n_objects: int = 1) -> 
 
 
 @dataclass(frozen=True)
-class DoubleEditCase:
+class DoubleEditCase(_SceneEdit):
     """Two objects edited in one pass: object 0 recoloured and object 1 reshaped (LEDITS++'s several
     edits); scored by scoring.score_edits."""
     name: str
@@ -138,17 +142,6 @@ class DoubleEditCase:
     seed: int
     indices: tuple = (0, 1)
     kind: str = "colour + shape"
-
-    @property
-    def source_prompt(self) -> str:
-        return self.source.caption
-
-    @property
-    def target_prompt(self) -> str:
-        return self.target.caption
-
-    def source_image(self) -> torch.Tensor:
-        return torch.from_numpy(self.source.render())
 
     def score(self, edited, source_image=None) -> scoring.EditScore:
         return scoring.score_edits(edited, self.source, self.target, self.indices, source_image)
