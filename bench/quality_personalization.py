@@ -152,6 +152,17 @@ def core_train_lora(model, clip, vae, images, captions, steps: int, lr: float, r
     return trained, list(loss_map["loss"]), note
 
 
+def dreambooth_lora(model, conds: dict, examples: list, a):
+    """(TrainableLora, loop result): the DreamBooth-LoRA rows' recipe (lora_keys(a.lora_targets), rank a.rank, a.steps_lora AdamW steps at a.lr_lora, seed 0)."""
+    from editkit.training import lora as TL
+    from editkit.training import loop
+    lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
+    res = loop.train(model, conds, examples, lo.parameters(),
+                     loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
+                     stop=lambda: False)
+    return lo, res
+
+
 def lora_keys(model, targets: str) -> list[str]:
     """The weights a DreamBooth-LoRA trains: the training core's recipe "attention" or "all" (every Linear and
     Conv weight of the UNet, as core's TrainLoraNode wraps)."""
@@ -216,19 +227,20 @@ def run(a) -> dict:
         add_row("textual inversion", f"{a.steps_ti} steps, lr {a.lr_ti:g}, 1 vector from '{INIT_WORD}'", recs, None,
                 seconds, mem.peak_mb, res.losses)
 
+    def evaluate_lora(lo, label):
+        """Concept accuracy and prior with a trained LoRA loaded as core Load LoRA would (the row's columns)."""
+        trained, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
+        with torch.inference_mode():
+            return (concept_accuracy(trained, clip, vae, id_prompt, a.n_eval, steps, cfg, label),
+                    prior_accuracy(trained, clip, vae, prior_n, steps, cfg, label + " prior"))
+
     if "db" in only:      # --- DreamBooth-LoRA (no class images: the prior column measures what that costs)
         conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(inst)}
         with PeakRSS() as mem, torch.inference_mode():
             t0 = time.perf_counter()
-            lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
-            res = loop.train(model, conds, [loop.Example(x, f"c{i}") for i, x in enumerate(x0)], lo.parameters(),
-                             loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
-                             stop=lambda: False)
+            lo, res = dreambooth_lora(model, conds, [loop.Example(x, f"c{i}") for i, x in enumerate(x0)], a)
             seconds = time.perf_counter() - t0
-        db_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
-        with torch.inference_mode():
-            recs = concept_accuracy(db_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "DreamBooth-LoRA")
-            prior = prior_accuracy(db_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA prior")
+        recs, prior = evaluate_lora(lo, "DreamBooth-LoRA")
         add_row("DreamBooth-LoRA", f"{a.steps_lora} steps, lr {a.lr_lora:g}, rank {a.rank}, {a.lora_targets} "
                 f"{'weights' if a.lora_targets == 'all' else 'projections'}, identifier '{IDENTIFIER}', no class images",
                 recs, prior, seconds, mem.peak_mb, res.losses)
@@ -245,15 +257,9 @@ def run(a) -> dict:
             for i in range(a.class_images):
                 lat, _ = TP.class_latents(model, conds[f"p{i}"], neg, tuple(x0.shape[1:]), 1, steps, cfg, seed=500 + i)
                 ex.append(loop.Example(model.model.process_latent_in(lat)[0], f"p{i}"))
-            lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
-            res = loop.train(model, conds, ex, lo.parameters(),
-                             loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0), install=lo.install,
-                             stop=lambda: False)
+            lo, res = dreambooth_lora(model, conds, ex, a)
             seconds = time.perf_counter() - t0
-        dbp_model, _ = TL.apply_saved(model, None, lo.state_dict(), 1.0, 0.0)
-        with torch.inference_mode():
-            recs = concept_accuracy(dbp_model, clip, vae, id_prompt, a.n_eval, steps, cfg, "DreamBooth-LoRA + class images")
-            prior = prior_accuracy(dbp_model, clip, vae, prior_n, steps, cfg, "DreamBooth-LoRA + class images prior")
+        recs, prior = evaluate_lora(lo, "DreamBooth-LoRA + class images")
         add_row("DreamBooth-LoRA + class images", f"as above + {a.class_images} class images (the model's own samples "
                 "of training-split prompts, prior weight 1)", recs, prior, seconds, mem.peak_mb, res.losses)
 
@@ -319,12 +325,8 @@ def colour_scenes(color: str, shape: str, n: int = 6, seed: int = 1) -> list:
 
 def _train_db(model, x0, captions, clip, a):
     from editkit.training import loop
-    from editkit.training import lora as TL
     conds = {f"c{i}": clip.encode_from_tokens_scheduled(clip.tokenize(c)) for i, c in enumerate(captions)}
-    lo = TL.TrainableLora(model, lora_keys(model, a.lora_targets), rank=a.rank, seed=0)
-    ex = [loop.Example(x, f"c{i}") for i, x in enumerate(x0)]
-    loop.train(model, conds, ex, lo.parameters(), loop.Settings(steps=a.steps_lora, learning_rate=a.lr_lora, seed=0),
-               install=lo.install, stop=lambda: False)
+    lo, _ = dreambooth_lora(model, conds, [loop.Example(x, f"c{i}") for i, x in enumerate(x0)], a)
     return lo.state_dict()
 
 
