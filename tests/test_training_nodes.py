@@ -77,6 +77,8 @@ def test_dreambooth_text_encoder_lora_through_the_node_and_core_lora_loader(tiny
     (dict(name="../../evil"), "name"),
     (dict(name="sub/evil"), "name"),
     (dict(class_prompt=" "), "class_prompt"),
+    (dict(adapter="bogus"), "adapter"),          # the API does not check combo values
+    (dict(targets="bogus"), "targets"),
 ])
 def test_dreambooth_bad_input_names_the_input_and_writes_nothing(tiny_eps, tiny_clip, change, input_name):
     before = _loras()
